@@ -1,0 +1,15 @@
+"""Attack registry: one file per attack; ``build_attack(name, ...)``."""
+from ..registry import ATTACKS
+from . import badnets, blend  # noqa: F401  (registration)
+from .base import Attack
+
+
+def build_attack(name: str, **kwargs) -> Attack:
+    return ATTACKS.get(name)(**kwargs)
+
+
+def list_attacks() -> list[str]:
+    return ATTACKS.names()
+
+
+__all__ = ["Attack", "build_attack", "list_attacks"]

@@ -1,0 +1,110 @@
+"""Batch augmentations as pure tensor functions: they allocate on the input's device and draw from
+the generator they are given (seeded through the Runtime), so runs are reproducible.
+
+Pixels are in [0, 1] throughout. Targets may be class indices or soft (probability) rows; MixUp
+returns soft rows, which ``F.cross_entropy`` accepts, so mixed and plain batches share one loss.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+
+def _rand(n, g, device, *shape):
+    return torch.rand((n, *shape), generator=g, device=g.device if g is not None else device).to(device)
+
+
+def _randint(lo, hi, n, g, device):
+    return torch.randint(lo, hi, (n,), generator=g, device=g.device if g is not None else device).to(device)
+
+
+def soft_targets(y: torch.Tensor, num_classes: int) -> torch.Tensor:
+    return y if y.dtype.is_floating_point else F.one_hot(y, num_classes).float()
+
+
+def mixup(x: torch.Tensor, y: torch.Tensor, num_classes: int, alpha: float = 1.0, g: torch.Generator | None = None):
+    """MixUp (Zhang et al. 2018): one lam ~ Beta(alpha, alpha) per batch and a random pairing.
+
+    Returns (x_mix, y_mix) with y_mix = lam * onehot(y) + (1 - lam) * onehot(y[perm]); then
+    CE(f(x_mix), y_mix) == lam * CE(f(x_mix), y) + (1 - lam) * CE(f(x_mix), y[perm]), the seed's loss.
+    """
+    if alpha <= 0:
+        return x, soft_targets(y, num_classes)
+    gen_device = g.device if g is not None else "cpu"
+    lam = _beta(alpha, g)
+    perm = torch.randperm(len(x), generator=g, device=gen_device).to(x.device)
+    ys = soft_targets(y, num_classes)
+    return lam * x + (1 - lam) * x[perm], lam * ys + (1 - lam) * ys[perm]
+
+
+def _beta(alpha: float, g: torch.Generator | None) -> float:
+    """lam ~ Beta(alpha, alpha), drawn from ``g`` (Beta = Ga / (Ga + Gb))."""
+    dev = g.device if g is not None else "cpu"
+    if alpha == 1.0:  # Beta(1, 1) is uniform
+        return float(torch.rand((), generator=g, device=dev))
+    ga = torch._standard_gamma(torch.full((2,), float(alpha), device=dev), generator=g)
+    return float(ga[0] / ga.sum())
+
+
+def shift(x: torch.Tensor, max_shift: int, g: torch.Generator | None = None) -> torch.Tensor:
+    """Translate each image by up to ``max_shift`` pixels in each axis, filling with zeros."""
+    if max_shift <= 0:
+        return x
+    n, c, h, w = x.shape
+    p = max_shift
+    xp = F.pad(x, (p, p, p, p))
+    dy = _randint(0, 2 * p + 1, n, g, x.device)
+    dx = _randint(0, 2 * p + 1, n, g, x.device)
+    rows = (torch.arange(h, device=x.device)[None] + dy[:, None])[:, :, None]  # n, h, 1
+    cols = (torch.arange(w, device=x.device)[None] + dx[:, None])[:, None, :]  # n, 1, w
+    out = xp[torch.arange(n, device=x.device)[:, None, None], :, rows, cols]  # n, h, w, c
+    return out.permute(0, 3, 1, 2).contiguous()
+
+
+def flip(x: torch.Tensor, g: torch.Generator | None = None, p: float = 0.5) -> torch.Tensor:
+    do = _rand(len(x), g, x.device) < p
+    return torch.where(do[:, None, None, None], x.flip(3), x)
+
+
+def crop(x: torch.Tensor, g: torch.Generator | None = None, pad: int | None = None) -> torch.Tensor:
+    """RandomCrop(H, padding=pad) with zero padding; pad defaults to H/8 (4 at 32 px)."""
+    return shift(x, pad if pad is not None else max(1, x.shape[-1] // 8), g)
+
+
+def random_patches(x: torch.Tensor, g: torch.Generator | None = None, p: float = 0.5, min_size: float = 0.07,
+                   max_size: float = 0.25) -> torch.Tensor:
+    """Overwrite, on each image with probability ``p``, one square of random side (a fraction of the
+    image side in [min_size, max_size]) at a uniformly random position with uniform or binary noise.
+
+    It knows nothing of any trigger: it makes clean images excite neurons that clean images leave
+    dormant (a corner that is black in every digit, say), so clean gradients reach them.
+    """
+    n, c, h, w = x.shape
+    lo, hi = max(1, round(min_size * h)), max(2, round(max_size * h))
+    side = _randint(lo, hi + 1, n, g, x.device)
+    top = (_rand(n, g, x.device) * (h - side + 1).float()).long()
+    left = (_rand(n, g, x.device) * (w - side + 1).float()).long()
+    r = torch.arange(h, device=x.device)[None, :, None]
+    cidx = torch.arange(w, device=x.device)[None, None, :]
+    inside = (r >= top[:, None, None]) & (r < (top + side)[:, None, None]) & (cidx >= left[:, None, None]) & (
+        cidx < (left + side)[:, None, None])
+    apply = (_rand(n, g, x.device) < p)[:, None, None] & inside
+    noise = _rand(n, g, x.device, c, h, w)
+    binary = _rand(n, g, x.device)[:, None, None, None] < 0.5
+    noise = torch.where(binary, (noise > 0.5).float(), noise)
+    return torch.where(apply[:, None], noise, x)
+
+
+def train_transform(name: str) -> Callable[[torch.Tensor, torch.Generator | None], torch.Tensor]:
+    """The standard train-time augmentation of a dataset: 'shift' (digits), 'crop', 'crop_flip', 'none'."""
+    table = {
+        "none": lambda x, g: x,
+        "shift": lambda x, g: shift(x, max(1, x.shape[-1] // 14), g),
+        "crop": lambda x, g: crop(x, g),
+        "crop_flip": lambda x, g: flip(crop(x, g), g),
+    }
+    if name not in table:
+        raise ValueError(f"unknown augmentation {name!r}; choices: {sorted(table)}")
+    return table[name]

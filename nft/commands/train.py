@@ -1,0 +1,53 @@
+"""nft train: train a benign or backdoored model and save it as a run directory."""
+from __future__ import annotations
+
+import json
+
+from ..attacks import build_attack
+from ..data import load_dataset
+from ..evaluate import evaluate
+from ..io import StagedDir
+from ..registry import ATTACKS, DATASETS
+from ..trainer import TrainConfig, manifest_for, save_run, train_model
+from .common import add_runtime_args, runtime_from
+
+
+def add_parser(sub):
+    p = sub.add_parser("train", help="train a benign or backdoored model")
+    p.add_argument("--dataset", default="mnist10k", help=f"one of {DATASETS.names()}")
+    p.add_argument("--data-root", default=None)
+    p.add_argument("--download", action="store_true")
+    p.add_argument("--model", default="preactresnet18", help="a registered model or torchvision:NAME")
+    p.add_argument("--width", type=int, default=None, help="channel width (PreActResNet-18: 64 full, 16 on CPU)")
+    p.add_argument("--attack", default=None, help=f"one of {ATTACKS.names()}; omit for a benign model")
+    p.add_argument("--target", type=int, default=0)
+    p.add_argument("--label-mode", default="all2one", choices=["all2one", "all2all"])
+    p.add_argument("--poison-rate", type=float, default=0.1)
+    p.add_argument("--epochs", type=float, default=8)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--out", required=True, help="run directory to create")
+    p.add_argument("--overwrite", action="store_true")
+    add_runtime_args(p)
+    return p
+
+
+def run(args) -> int:
+    rt = runtime_from(args)
+    staged = StagedDir(args.out, args.overwrite)  # refuse an existing directory before any work
+    data = load_dataset(args.dataset, root=args.data_root, download=args.download)
+    attack = None
+    if args.attack:
+        attack = build_attack(args.attack, num_classes=data.num_classes, image_shape=data.input_shape,
+                              target=args.target, mode=args.label_mode, seed=args.seed)
+    cfg = TrainConfig(arch=args.model, arch_kwargs={"width": args.width} if args.width else {}, epochs=args.epochs,
+                      batch_size=args.batch_size, lr=args.lr, poison_rate=args.poison_rate if attack else 0.0)
+    if attack is not None and hasattr(attack, "fit"):
+        attack.fit(data, rt)
+    model, info = train_model(data, cfg, rt, attack)
+    metrics = evaluate(model, data.test, attack, rt)
+    manifest = manifest_for(data, cfg, rt, attack, metrics=metrics, train_seconds=info["seconds"])
+    with staged as tmp:
+        save_run(tmp, model, manifest, attack, info["history"])
+    print(json.dumps({"out": args.out, **metrics, "train_seconds": round(info["seconds"], 1)}))
+    return 0
