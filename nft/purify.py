@@ -35,6 +35,9 @@ class NFTConfig:
     mixup_alpha: float = 1.0  # MixUp Beta(a, a); 1 = uniform lam
     patches: float = 0.0  # probability per image of a random noise patch (0 = off; see augment.random_patches)
     patch_size: tuple = (0.07, 0.25)  # patch side as a fraction of the image side (min, max)
+    adv: float = 0.0  # extra images per batch (fraction of it) carrying a universal adversarial perturbation
+    adv_eps: float = 0.15  # L2 radius of that perturbation, as an RMS per pixel (radius = eps * sqrt(C*H*W))
+    adv_step: float = 0.25  # ascent step, as a fraction of the radius (one normalised-gradient step per mask step)
     lr: float = 0.05  # SGD on the masks
     momentum: float = 0.95
     steps: int = 1000  # optimizer steps; batches drawn with replacement
@@ -87,15 +90,49 @@ def _scheduler(opt, cfg: NFTConfig):
     raise NFTError(f"unknown schedule {cfg.schedule!r}")
 
 
-def make_transform(cfg: NFTConfig, clean: CleanSet, g: torch.Generator):
-    """standard augmentation -> random noise patches (optional) -> MixUp."""
+class UniversalPerturbation:
+    """One perturbation delta shared by all images, pushed up the clean loss by one normalised
+    gradient step per call and kept in an L2 ball. It knows nothing of any trigger; a backdoor is
+    the cheapest universal way to change predictions, so delta drifts toward it and makes clean
+    images excite the neurons the trigger excites (the ones clean data leaves dormant)."""
+
+    def __init__(self, shape, eps_rms: float, step: float, device, g: torch.Generator):
+        n = math.prod(shape)
+        self.radius = eps_rms * math.sqrt(n)
+        self.step = step * self.radius
+        d = torch.randn(shape, generator=g, device=g.device).to(device)
+        self.delta = d * (0.5 * self.radius / d.norm())
+
+    def update(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        d = self.delta.clone().requires_grad_(True)
+        was = model.training
+        model.eval()  # no BN statistics from the search batches
+        loss = nn.functional.cross_entropy(model((x + d).clamp(0, 1)), y)
+        (grad,) = torch.autograd.grad(loss, d)
+        model.train(was)
+        d = d.detach() + self.step * grad / (grad.norm() + 1e-12)
+        self.delta = d * min(1.0, self.radius / float(d.norm() + 1e-12))
+        return (x + self.delta).clamp(0, 1)
+
+
+def make_transform(cfg: NFTConfig, clean: CleanSet, g: torch.Generator, model: nn.Module | None = None):
+    """standard augmentation -> random noise patches (optional) -> MixUp, plus (optional) extra
+    images carrying a universal adversarial perturbation with their true labels."""
     base = A.train_transform(cfg.augment or clean.augment)
+    adv = UniversalPerturbation(tuple(clean.x.shape[1:]), cfg.adv_eps, cfg.adv_step, g.device, g) \
+        if cfg.adv > 0 and model is not None else None
 
     def transform(x, y, step):
         x = base(x, g)
         if cfg.patches > 0:
             x = A.random_patches(x, g, cfg.patches, *cfg.patch_size)
-        return A.mixup(x, y, clean.num_classes, cfg.mixup_alpha, g)
+        xm, ym = A.mixup(x, y, clean.num_classes, cfg.mixup_alpha, g)
+        if adv is not None:
+            k = max(1, round(cfg.adv * len(x)))
+            xa = adv.update(model, x[:k], y[:k])
+            xm = torch.cat([xm, xa])
+            ym = torch.cat([ym, A.soft_targets(y[:k], clean.num_classes)])
+        return xm, ym
 
     return transform
 
@@ -116,14 +153,20 @@ def purify(model: nn.Module, clean: CleanSet, cfg: NFTConfig | None = None, runt
     lower = clip_schedule(len(masks.sites), cfg.clip_alpha, cfg.clip_beta)
     opt = torch.optim.SGD(masks.parameters(), lr=cfg.lr, momentum=cfg.momentum)
     l1_weight = cfg.l1 / clean.per_class
-    good = masks.state_dict()
+    # "Good" = masks and BN statistics whose forward pass gave a finite loss. A step's state is
+    # confirmed when the next step's loss comes out finite; on a non-finite loss we roll back to it.
+    snapshot = lambda: (masks.state_dict(), {k: b.detach().clone() for k, b in model.named_buffers()})  # noqa: E731
+    good, pending = snapshot(), None
 
     def after_step(step, info):
+        nonlocal good, pending
+        if pending is not None:
+            good = pending
         masks.clip_(lower)
-        good.update(masks.state_dict())
+        pending = snapshot()
 
     hooks = Hooks(
-        transform=make_transform(cfg, clean, runtime.generator(303, device=runtime.device)),
+        transform=make_transform(cfg, clean, runtime.generator(303, device=runtime.device), model),
         penalty=lambda: l1_weight * masks.l1_to_one(),
         after_step=after_step,
         evaluate=monitor and (lambda step: monitor(model)),
@@ -139,7 +182,10 @@ def purify(model: nn.Module, clean: CleanSet, cfg: NFTConfig | None = None, runt
                          hooks, replacement=True, train_mode=cfg.train_mode, desc="nft", log_every=cfg.log_every,
                          generator_offset=404)
     except NonFiniteLoss as e:
-        masks.load_state_dict(good)
+        masks.load_state_dict(good[0])
+        with torch.no_grad():
+            for k, b in model.named_buffers():
+                b.copy_(good[1][k])
         stopped = f"stopped early: {e}; kept the last good masks"
     model.eval()
     mask_state = masks.state_dict()

@@ -1,0 +1,69 @@
+"""Try NFT settings on saved run directories; one JSON line per (run, setting) on stdout.
+
+    python benchmarks/explore_nft.py RUN_DIR [RUN_DIR ...] --per-class 50 \
+        --try 'recipe=paper' --try 'recipe=default,steps=300' ...
+
+Each --try is comma-separated key=value NFTConfig overrides (values parsed as JSON).
+Evaluation uses the test set only to report; nothing is selected on it automatically.
+"""
+import argparse
+import json
+import time
+
+import torch
+
+from nft.evaluate import evaluate, poisoned_test_set
+from nft.io import load_model
+from nft.purify import purify, recipe
+from nft.runs import attack_from_run, clean_set, dataset_of
+from nft.runtime import Runtime
+
+
+def parse(s):
+    out = {}
+    for kv in filter(None, s.split(",")):
+        k, v = kv.split("=", 1)
+        try:
+            out[k] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k] = v
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("runs", nargs="+")
+    ap.add_argument("--try", dest="tries", action="append", required=True)
+    ap.add_argument("--per-class", type=int, default=50)
+    ap.add_argument("--clean-seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--curve", action="store_true", help="evaluate every eval_every steps")
+    a = ap.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    rt = Runtime(device="cpu", seed=0, progress=False)
+    for run in a.runs:
+        model, man = load_model(run)
+        data = dataset_of(man)
+        attack = attack_from_run(run, man)
+        pois = poisoned_test_set(data.test, attack)
+        clean = clean_set(data.heldout, data.num_classes, data.augment, per_class=a.per_class, seed=a.clean_seed)
+        before = evaluate(model, data.test, runtime=rt, poisoned=pois)
+        for t in a.tries:
+            over = parse(t)
+            cfg = recipe(over.pop("recipe", "default"), **over)
+            mon = (lambda m: evaluate(m, data.test, runtime=rt, poisoned=pois)) if a.curve else None
+            t0 = time.perf_counter()
+            pm, masks, hist, ex = purify(model, clean, cfg, rt, mon)
+            secs = time.perf_counter() - t0
+            after = evaluate(pm, data.test, runtime=rt, poisoned=pois)
+            rec = {"run": run, "try": t, "per_class": a.per_class, "before": before, "after": after,
+                   "seconds": round(secs, 1), "masks_below_0.5": ex["masks_below_0.5"], "num_masks": ex["num_masks"],
+                   "final_loss": hist[-1].get("loss") if hist else None}
+            if a.curve:
+                rec["curve"] = [(h["step"], round(h["acc"], 2), round(h["asr"], 2)) for h in hist if "asr" in h]
+            print(json.dumps(rec), flush=True)
+
+
+if __name__ == "__main__":
+    main()

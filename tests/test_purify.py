@@ -1,0 +1,82 @@
+"""End-to-end NFT on a tiny backdoored model, in seconds."""
+import pytest
+import torch
+from torch.nn.utils import parametrize
+
+from nft.attacks import build_attack
+from nft.data import CleanSet, load_dataset
+from nft.errors import NFTError
+from nft.evaluate import evaluate
+from nft.purify import RECIPES, NFTConfig, purify, recipe
+from nft.trainer import TrainConfig, train_model
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from nft.runtime import Runtime
+
+    rt = Runtime(device="cpu", seed=0, progress=False)
+    data = load_dataset("mnist10k")
+    data.train = data.train.subset(torch.arange(0, len(data.train), 3))  # 2,400 images
+    data.test = data.test.subset(torch.arange(0, 600))
+    attack = build_attack("badnets", num_classes=10, image_shape=data.input_shape)
+    model, _ = train_model(data, TrainConfig(arch="smallcnn", arch_kwargs={"width": 8}, epochs=3), rt, attack)
+    clean = CleanSet.pick(data.heldout, 10, per_class=10, augment=data.augment)
+    return rt, data, attack, model, clean
+
+
+def test_recipes_exist_and_paper_is_the_seed():
+    paper = recipe("paper")
+    assert (paper.where, paper.clip_alpha, paper.clip_beta, paper.l1, paper.mixup_alpha) == ("norm", 0.8, 0.5, 1e-3, 1.0)
+    assert (paper.lr, paper.momentum, paper.steps, paper.batch_size, paper.train_mode) == (0.05, 0.95, 1000, 128, True)
+    assert paper.patches == 0 and paper.adv == 0
+    assert set(RECIPES) >= {"paper", "default"}
+    with pytest.raises(NFTError):
+        recipe("nope")
+    with pytest.raises(NFTError):
+        recipe("default", not_a_setting=1)
+
+
+def test_purify_end_to_end(tiny):
+    rt, data, attack, model, clean = tiny
+    before = evaluate(model, data.test, attack, rt)
+    assert before["asr"] > 50  # the tiny model did learn the backdoor
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    seen = []
+    cfg = recipe("default", steps=40, batch_size=64, eval_every=20)
+    purified, masks, history, extras = purify(model, clean, cfg, rt, monitor=lambda m: seen.append(1) or {"acc": 0.0})
+    # the input model is untouched; the output is a plain model with the masks folded in
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    assert not any(parametrize.is_parametrized(m) for m in purified.modules())
+    assert type(purified) is type(model)
+    assert extras["num_masks"] > 0 and len(extras["mask_state"]) == len(extras["mask_layout"])
+    values = torch.cat([v.flatten() for v in extras["mask_state"].values()])
+    assert values.min() < 1.0 and values.max() <= 1.0  # masks moved, and stayed clipped
+    lows = [row for row in history if "loss" in row]
+    assert lows[-1]["step"] == 40 and len(seen) >= 2
+    after = evaluate(purified, data.test, attack, rt)
+    assert after["acc"] > before["acc"] - 15  # 40 steps must not wreck the model
+
+
+class Bomb(torch.nn.Module):
+    """Wraps a model; its forward returns NaN from the ``at``-th call on."""
+
+    def __init__(self, inner, at):
+        super().__init__()
+        self.inner, self.at, self.calls = inner, at, 0
+
+    def forward(self, x):
+        self.calls += 1
+        out = self.inner(x)
+        return out * float("nan") if self.calls >= self.at else out
+
+
+def test_nonfinite_loss_keeps_last_good_masks(tiny):
+    rt, data, attack, model, clean = tiny
+    cfg = recipe("paper", steps=30, batch_size=32, lr=0.5)
+    purified, masks, history, extras = purify(Bomb(model, at=12), clean, cfg, rt)
+    assert extras["stopped"] and "step 12" in extras["stopped"] and "kept the last good masks" in extras["stopped"]
+    vals = torch.cat([v.flatten() for v in extras["mask_state"].values()])
+    assert torch.isfinite(vals).all() and vals.min() < 1.0  # steps 1..11 did move the masks
+    assert all(torch.isfinite(b).all() for b in purified.buffers())
+    assert torch.isfinite(purified.inner(clean.x[:4])).all()
