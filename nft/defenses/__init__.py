@@ -1,6 +1,6 @@
 """Defense registry: one file per defense, all through the one verb in base.py."""
 from ..registry import DEFENSES
-from . import nft  # noqa: F401  (registration)
+from . import anp, awm, clp, fp, fst, ft, ftsam, ibau, nad, nft, rnp  # noqa: F401  (registration)
 from .base import DefenseResult, config_with
 
 
