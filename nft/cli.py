@@ -9,7 +9,7 @@ import sys
 
 from .errors import NFTError
 
-COMMANDS = ["demo", "train", "purify", "evaluate"]
+COMMANDS = ["demo", "train", "purify", "evaluate", "bench", "report"]
 
 
 def build_parser() -> argparse.ArgumentParser:

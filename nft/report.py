@@ -1,0 +1,335 @@
+"""Tables and plots from bench records only: nothing is trained or purified again.
+
+``build_report(results_dir)`` writes into ``results_dir/report/``:
+
+- ``report.md``: per (dataset, model) the paper's Table 1 layout (rows: attacks with Benign first;
+  per defense ASR and ACC, mean ± std over seeds; an Avg. Drop row), then RA, DER, seconds and peak
+  memory per cell, and a sample-efficiency table over the clean-set sizes;
+- ``table1.csv`` (the layout above, means) and ``summary.csv`` (one row per attack x defense x size,
+  mean and std of every metric);
+- the PNG plots of nft.report_plots and ``report.html``, one self-contained page (images inlined).
+
+Avg. Drop is computed as the paper does: for each defense, the mean over attacks (Benign excluded)
+of (No Defense value - defended value) in points, on the seed means; its ± is the std over seeds of
+the same quantity computed per seed (only seeds where every attack has both cells).
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import statistics
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from .io import atomic_write_text
+from .records import BENIGN, NO_DEFENSE, load_records
+
+METRICS = ("acc", "asr", "ra", "der", "seconds", "peak_mb")
+
+
+@dataclass
+class Table:
+    title: str
+    header: list[str]
+    rows: list[list[str]]
+    note: str = ""
+
+
+@dataclass
+class Section:
+    """The records of one (dataset, model) and what the tables need to know about them."""
+
+    name: str
+    records: list[dict]
+    attacks: list[str] = field(default_factory=list)
+    defenses: list[str] = field(default_factory=list)  # 'none' first
+    sizes: list[int] = field(default_factory=list)
+    main_size: int | None = None
+
+
+# ---------------------------------------------------------------------------------------------
+# arithmetic
+
+def _vals(values) -> list[float]:
+    return [float(v) for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+
+
+def mean_std(values) -> tuple[float | None, float | None, int]:
+    """(mean, sample std (ddof 1; 0 for one value), count) of the values that are not None/NaN."""
+    v = _vals(values)
+    if not v:
+        return None, None, 0
+    return statistics.fmean(v), (statistics.stdev(v) if len(v) > 1 else 0.0), len(v)
+
+
+def fmt(mean: float | None, std: float | None = None, n: int = 1, digits: int = 2) -> str:
+    if mean is None:
+        return "–"
+    s = f"{mean:.{digits}f}"
+    return f"{s} ± {std:.{digits}f}" if n > 1 and std is not None else s
+
+
+def group(records: list[dict]) -> dict[tuple, list[dict]]:
+    """(attack, defense, clean_per_class) -> records (one per seed). 'none' cells have size None."""
+    out = defaultdict(list)
+    for r in records:
+        n = None if r["defense"] == NO_DEFENSE else r["clean_per_class"]
+        out[(r["attack"], r["defense"], n)].append(r)
+    return out
+
+
+def cell_stats(groups, attack: str, defense: str, size, metric: str):
+    key = (attack, defense, None if defense == NO_DEFENSE else size)
+    return mean_std(r.get(metric) for r in groups.get(key, []))
+
+
+def avg_drop(groups, attacks: list[str], defense: str, size, metric: str) -> tuple[float | None, float | None, int]:
+    """The paper's Avg. Drop of ``metric`` for ``defense``: mean over attacks (not Benign) of
+    (No Defense - defended), on seed means; std over seeds of the per-seed Avg. Drop."""
+    real = [a for a in attacks if a != BENIGN]
+    drops = []
+    for a in real:
+        base, _, nb = cell_stats(groups, a, NO_DEFENSE, None, metric)
+        d, _, nd = cell_stats(groups, a, defense, size, metric)
+        if nb and nd:
+            drops.append(base - d)
+    if not drops:
+        return None, None, 0
+    per_seed = []
+    seeds = sorted({r["seed"] for a in real for r in groups.get((a, defense, size), [])})
+    for s in seeds:
+        ds = []
+        for a in real:
+            b = [r.get(metric) for r in groups.get((a, NO_DEFENSE, None), []) if r["seed"] == s]
+            d = [r.get(metric) for r in groups.get((a, defense, size), []) if r["seed"] == s]
+            if b and d and b[0] is not None and d[0] is not None:
+                ds.append(b[0] - d[0])
+        if len(ds) == len(real):
+            per_seed.append(statistics.fmean(ds))
+    std = statistics.stdev(per_seed) if len(per_seed) > 1 else 0.0
+    return statistics.fmean(drops), std, max(1, len(per_seed))
+
+
+# ---------------------------------------------------------------------------------------------
+# sections and tables
+
+def defense_label(d: str) -> str:
+    if d == NO_DEFENSE:
+        return "No Defense"
+    name, _, variant = d.partition(":")
+    return f"{name.upper()} ({variant})" if variant else name.upper()
+
+
+def attack_label(a: str) -> str:
+    return "Benign" if a == BENIGN else a
+
+
+def _defense_order(d: str):
+    name = d.partition(":")[0]
+    return (d != NO_DEFENSE, name == "nft", d)
+
+
+def sections(records: list[dict], size: int | None = None) -> list[Section]:
+    by = defaultdict(list)
+    for r in records:
+        kw = ", ".join(f"{k}={v}" for k, v in sorted((r.get("model_kwargs") or {}).items()))
+        by[f"{r['dataset']} · {r['model']}" + (f" ({kw})" if kw else "")].append(r)
+    out = []
+    for name, recs in sorted(by.items()):
+        s = Section(name, recs)
+        s.attacks = sorted({r["attack"] for r in recs}, key=lambda a: (a != BENIGN, a))
+        s.defenses = sorted({r["defense"] for r in recs}, key=_defense_order)
+        s.sizes = sorted({r["clean_per_class"] for r in recs if r["defense"] != NO_DEFENSE})
+        s.main_size = size if size in s.sizes else (max(s.sizes) if s.sizes else None)
+        out.append(s)
+    return out
+
+
+def table1(sec: Section) -> Table:
+    g = group(sec.records)
+    header = ["Attack"] + [f"{defense_label(d)} {m}" for d in sec.defenses for m in ("ASR", "ACC")]
+    rows = []
+    for a in sec.attacks:
+        row = [attack_label(a)]
+        for d in sec.defenses:
+            for m in ("asr", "acc"):
+                row.append(fmt(*cell_stats(g, a, d, sec.main_size, m)))
+        rows.append(row)
+    drop = ["Avg. Drop"]
+    for d in sec.defenses:
+        for m in ("asr", "acc"):
+            drop.append("–" if d == NO_DEFENSE else fmt(*avg_drop(g, sec.attacks, d, sec.main_size, m)))
+    rows.append(drop)
+    seeds = sorted({r["seed"] for r in sec.records})
+    note = (f"ASR/ACC in %, mean ± std over seeds {seeds}; defenses use {sec.main_size} clean images per class. "
+            "Avg. Drop: mean over attacks (Benign excluded) of the drop in points against No Defense "
+            "(ASR drop: higher is better; ACC drop: lower is better).")
+    return Table("Table 1: ASR and ACC per attack and defense", header, rows, note)
+
+
+def detail_table(sec: Section) -> Table:
+    g = group(sec.records)
+    header = ["Attack", "Defense", "clean/class", "seeds", "ACC", "ASR", "RA", "DER", "seconds", "peak MB"]
+    rows = []
+    for a in sec.attacks:
+        for d in sec.defenses:
+            for n in ([None] if d == NO_DEFENSE else sec.sizes):
+                recs = g.get((a, d, n), [])
+                if not recs:
+                    continue
+                cells = [fmt(*mean_std(r.get(m) for r in recs), digits=3 if m == "der" else 2) for m in METRICS]
+                if d == NO_DEFENSE:  # its cost is the training's
+                    cells[4] = fmt(*mean_std(r.get("train_seconds") for r in recs), digits=1) + " (train)"
+                    cells[5] = fmt(*mean_std(r.get("train_peak_mb") for r in recs), digits=1) + " (train)"
+                rows.append([attack_label(a), defense_label(d), "–" if n is None else str(n), str(len(recs))] + cells)
+    return Table("All cells: ACC, ASR, RA, DER, time and peak memory", header, rows,
+                 "mean ± std over seeds. DER = [max(0, ΔASR) − max(0, ΔACC) + 1] / 2 against the undefended model "
+                 "(0.5 = no change). seconds: the defense alone (the monitor's evaluations excluded); peak MB: "
+                 "CUDA allocator peak on GPU, resident-memory peak above the start on CPU.")
+
+
+def efficiency_rows(sec: Section) -> list[tuple[str, int, tuple, tuple]]:
+    """(defense, size, ASR (mean, std, n), ACC (mean, std, n)) averaged over attacks (not Benign);
+    the std is over seeds of the attack-averaged value."""
+    g = group(sec.records)
+    real = [a for a in sec.attacks if a != BENIGN] or sec.attacks
+    out = []
+    for d in sec.defenses:
+        if d == NO_DEFENSE:
+            continue
+        for n in sec.sizes:
+            stats = []
+            for m in ("asr", "acc"):
+                per_seed = defaultdict(list)
+                for a in real:
+                    for r in g.get((a, d, n), []):
+                        if r.get(m) is not None:
+                            per_seed[r["seed"]].append(r[m])
+                stats.append(mean_std([statistics.fmean(v) for v in per_seed.values()]))
+            if stats[1][2]:
+                out.append((d, n, stats[0], stats[1]))
+    return out
+
+
+def efficiency_table(sec: Section) -> Table:
+    rows = [[defense_label(d), str(n), fmt(*asr), fmt(*acc)] for d, n, asr, acc in efficiency_rows(sec)]
+    return Table("Sample efficiency: clean images per class", ["Defense", "clean/class", "ASR", "ACC"], rows,
+                 "mean over attacks (Benign excluded), ± std over seeds.")
+
+
+# ---------------------------------------------------------------------------------------------
+# writers
+
+def to_markdown(t: Table) -> str:
+    lines = [f"### {t.title}", "", "| " + " | ".join(t.header) + " |",
+             "|" + "|".join(["---"] + ["---:"] * (len(t.header) - 1)) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in t.rows]
+    if t.note:
+        lines += ["", t.note]
+    return "\n".join(lines) + "\n"
+
+
+def table1_csv(secs: list[Section]) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    for sec in secs:
+        t = table1(sec)
+        w.writerow(["section", "clean_per_class"] + t.header)
+        g = group(sec.records)
+        for a in sec.attacks:
+            w.writerow([sec.name, sec.main_size, attack_label(a)] + [
+                _num(cell_stats(g, a, d, sec.main_size, m)[0]) for d in sec.defenses for m in ("asr", "acc")])
+        w.writerow([sec.name, sec.main_size, "Avg. Drop"] + [
+            "" if d == NO_DEFENSE else _num(avg_drop(g, sec.attacks, d, sec.main_size, m)[0])
+            for d in sec.defenses for m in ("asr", "acc")])
+    return buf.getvalue()
+
+
+def summary_csv(secs: list[Section]) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["dataset", "model", "model_kwargs", "attack", "defense", "clean_per_class", "seeds"] +
+               [f"{m}_{s}" for m in METRICS + ("train_seconds",) for s in ("mean", "std")])
+    for sec in secs:
+        for (a, d, n), recs in sorted(group(sec.records).items(), key=lambda kv: str(kv[0])):
+            r0 = recs[0]
+            row = [r0["dataset"], r0["model"], json.dumps(r0.get("model_kwargs") or {}, sort_keys=True), a, d,
+                   "" if n is None else n, " ".join(str(r["seed"]) for r in sorted(recs, key=lambda r: r["seed"]))]
+            for m in METRICS + ("train_seconds",):
+                mu, sd, _ = mean_std(r.get(m) for r in recs)
+                row += [_num(mu), _num(sd)]
+            w.writerow(row)
+    return buf.getvalue()
+
+
+def _num(v) -> str:
+    return "" if v is None else f"{v:.4f}"
+
+
+def settings_md(sec: Section) -> str:
+    """What a reader needs to compare this table with others (peers.md §3's comparability list)."""
+    r = next((r for r in sec.records if r["defense"] == NO_DEFENSE), sec.records[0])
+    m = r["config"]["model"]
+    defs = {}
+    for rec in sec.records:
+        if rec["defense"] != NO_DEFENSE and rec["defense"] not in defs:
+            defs[rec["defense"]] = rec.get("defense_config") or {}
+    versions = sorted({rec.get("code_version", "?") for rec in sec.records})
+    lines = [f"- architecture: `{m['arch']}` {m.get('arch_kwargs') or ''}; dataset `{m['dataset']}`"
+             + (f" (train subset {m['subset_train']})" if m.get("subset_train") else "")
+             + (f" (test subset {m['subset_test']})" if m.get("subset_test") else ""),
+             f"- poisoning: rate {m['poison_rate']}, target {m['target']}, {m['label_mode']}; training "
+             f"{m['epochs']} epochs, batch {m['batch_size']}, lr {m['lr']}",
+             f"- clean data for defenses: {', '.join(map(str, sec.sizes))} images per class "
+             f"(main table: {sec.main_size}), drawn from the defender's held-out pool (disjoint from training)",
+             "- ASR counts only test images whose label the backdoor changes (non-target images for all-to-one)",
+             f"- devices: {sorted({rec.get('device', '?') for rec in sec.records})}; code: {', '.join(versions)}"]
+    for d, cfg in defs.items():
+        short = {k: v for k, v in cfg.items() if not isinstance(v, (list, dict))}
+        lines.append(f"- {defense_label(d)} settings: `{json.dumps(short, sort_keys=True)}`")
+    return "\n".join(lines) + "\n"
+
+
+def _bench_main_size(results: str, records: list[dict]) -> int | None:
+    try:
+        with open(os.path.join(results, "bench.json")) as f:
+            n = json.load(f).get("main_clean_per_class")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return n if any(r.get("clean_per_class") == n for r in records) else None
+
+
+def build_report(results: str, out: str | None = None, size: int | None = None, plots: bool = True,
+                 tsne_samples: int = 600) -> dict:
+    """Write the report of ``results`` into ``out`` (default results/report); returns the paths."""
+    from .report_html import write_html
+
+    records = load_records(results)
+    out = out or os.path.join(results, "report")
+    os.makedirs(out, exist_ok=True)
+    if size is None:  # the bench's first --clean-per-class is the main table's, when it was recorded
+        size = _bench_main_size(results, records)
+    secs = sections(records, size)
+    md = [f"# nft benchmark report\n\n{len(records)} records from `{os.path.abspath(results)}`.\n"]
+    figures: dict[str, list[tuple[str, str]]] = {}
+    for i, sec in enumerate(secs):
+        tables = [table1(sec), detail_table(sec), efficiency_table(sec)]
+        md.append(f"\n## {sec.name}\n\n**Settings**\n\n{settings_md(sec)}\n")
+        md += [to_markdown(t) + "\n" for t in tables]
+        if plots:
+            from .report_plots import section_plots
+
+            figs = section_plots(sec, results, out, f"s{i}", tsne_samples)
+            figures[sec.name] = figs
+            md.append("\n".join(f"![{cap}]({os.path.basename(p)})" for p, cap in figs) + "\n")
+    paths = {"markdown": os.path.join(out, "report.md"), "table1_csv": os.path.join(out, "table1.csv"),
+             "summary_csv": os.path.join(out, "summary.csv"), "html": os.path.join(out, "report.html")}
+    atomic_write_text("\n".join(md), paths["markdown"])
+    atomic_write_text(table1_csv(secs), paths["table1_csv"])
+    atomic_write_text(summary_csv(secs), paths["summary_csv"])
+    write_html(paths["html"], secs, figures, results)
+    paths["figures"] = [p for figs in figures.values() for p, _ in figs]
+    return paths

@@ -1,0 +1,200 @@
+"""nft bench: record schema, model cache and lock, resume after SIGKILL, re-run of a cell, Ray.
+
+Tiny cells: smallcnn width 4 on a 600-image subset of mnist10k, one epoch, NFT for 12 steps.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from nft.bench import RunOptions
+from nft.cli import main
+from nft.grid import expand_grid, run_grid
+from nft.records import (BENIGN, NO_DEFENSE, RECORD_KEYS, CellSpec, ModelSpec, digest, load_records,
+                         record_path)
+
+TINY = ModelSpec(dataset="mnist10k", arch="smallcnn", arch_kwargs={"width": 4}, epochs=1, batch_size=64,
+                 subset_train=600, subset_test=300)
+NFT_SET = {"nft": {"steps": 12, "eval_every": 4, "log_every": 4, "batch_size": 32}}
+CLI_TINY = ["--model", "smallcnn", "--width", "4", "--epochs", "1", "--batch-size", "64", "--subset-train", "600",
+            "--subset-test", "300", "--set", "nft.steps=12", "--set", "nft.eval_every=4", "--set", "nft.log_every=4",
+            "--set", "nft.batch_size=32",
+            "--threads", "1", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def grid(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("bench"))
+    models, cells, save = expand_grid(TINY, ["badnets"], ["nft:default", "nft:paper"], [0], [5, 2], NFT_SET)
+    counts = run_grid(root, models, cells, save, RunOptions(threads=1), inline=True, log=lambda s: None)
+    return root, models, cells, save, counts
+
+
+def test_grid_expansion_includes_benign_and_validates_names():
+    models, cells, save = expand_grid(TINY, ["badnets", "blend"], ["nft:default", "nft:paper"], [0, 1], [50, 5])
+    assert [m.attack for m in models] == [BENIGN, BENIGN, "badnets", "badnets", "blend", "blend"]
+    assert len(cells) == 6 * 2 * 2
+    assert len({c.cell_id for c in cells}) == len(cells)
+    assert all(c.model.seed == 0 and c.clean_per_class == 50 for c in cells if c.cell_id in save)
+    assert len(save) == 3 * 2
+    from nft.errors import NFTError
+
+    for bad in (dict(attacks=["nosuch"]), dict(defenses=["nosuch"]), dict(defenses=["nft:nosuch"]),
+                dict(sets={"typo": {"steps": 1}})):
+        kw = dict(attacks=["badnets"], defenses=["nft"], seeds=[0], clean_sizes=[5], sets=None) | bad
+        with pytest.raises(NFTError):
+            expand_grid(TINY, **kw)
+
+
+def test_model_key_and_cell_id_follow_the_config():
+    a = ModelSpec(**{**TINY.__dict__, "attack": "badnets"})
+    b = ModelSpec(**{**TINY.__dict__, "attack": "badnets", "epochs": 2})
+    assert a.key != b.key and a.key == ModelSpec(**{**TINY.__dict__, "attack": "badnets"}).key
+    c1, c2 = CellSpec(model=a, defense="nft:default"), CellSpec(model=a, defense="nft:default", clean_per_class=5)
+    assert c1.cell_id != c2.cell_id
+    assert CellSpec.from_dict(json.loads(json.dumps(c2.__dict__ | {"model": a.__dict__}))).cell_id == c2.cell_id
+
+
+def test_record_schema(grid):
+    root, models, cells, save, counts = grid
+    assert counts == {"done": len(models) + len(cells), "skipped": 0, "failed": 0}
+    recs = load_records(root)
+    assert len(recs) == len(models) + len(cells) == 10
+    for r in recs:
+        assert set(RECORD_KEYS) <= set(r), set(RECORD_KEYS) - set(r)
+        assert r["dataset"] == "mnist10k" and r["model"] == "smallcnn" and r["model_kwargs"] == {"width": 4}
+        assert r["attack"] in (BENIGN, "badnets") and r["seed"] == 0
+        assert CellSpec.from_dict(r["config"]).cell_id == r["cell_id"]
+        assert 0 <= r["acc"] <= 100 and r["code_version"]
+        if r["attack"] == BENIGN:
+            assert r["asr"] is None and r["der"] is None
+        if r["defense"] == NO_DEFENSE:
+            assert r["clean_per_class"] is None and r["train_seconds"] > 0
+            continue
+        assert r["clean_images"] == 10 * r["clean_per_class"]
+        assert r["seconds"] > 0 and r["peak_mb"] >= 0
+        assert r["defense_config"]["steps"] == 12 and r["defense_config"]["recipe"] == r["defense"].split(":")[1]
+        assert [h["step"] for h in r["history"]] == [0, 4, 8, 12]
+        assert all("acc" in h for h in r["history"])
+        if r["attack"] == "badnets":
+            assert 0 <= r["der"] <= 1 and "asr" in r["history"][-1]
+            assert r["before"]["asr"] is not None
+        assert os.path.isfile(os.path.join(root, r["artifacts"]["masks"]))
+        kept = r["cell_id"] in save
+        assert ("purified" in r["artifacts"]) == kept
+    # each model trained once, shared by all its defense cells
+    model_dirs = [d for d in os.listdir(os.path.join(root, "models")) if not d.startswith(".") and
+                  os.path.isdir(os.path.join(root, "models", d))]
+    assert sorted(model_dirs) == sorted(m.key for m in models)
+
+
+def test_rerun_skips_everything(grid):
+    root, models, cells, save, _ = grid
+    rdir = os.path.join(root, "records")
+    before = {f: os.stat(os.path.join(rdir, f)).st_mtime_ns for f in os.listdir(rdir)}
+    counts = run_grid(root, models, cells, save, RunOptions(threads=1), inline=True, log=lambda s: None)
+    assert counts == {"done": 0, "skipped": 10, "failed": 0}
+    assert before == {f: os.stat(os.path.join(rdir, f)).st_mtime_ns for f in os.listdir(rdir)}
+
+
+def test_rerun_one_cell_reproduces_acc_and_asr(grid, tmp_path, capsys):
+    root, _, cells, _, _ = grid
+    cell = next(c for c in cells if c.model.attack == "badnets" and c.defense == "nft:default")
+    rc = main(["bench", "--rerun", record_path(root, cell.cell_id), "--threads", "1", "--no-progress"])
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert rc == 0 and out["within_tolerance"], out
+    assert out["abs_diff"]["acc"] <= 1 and out["abs_diff"]["asr"] <= 1
+
+
+def test_failed_cell_is_reported_not_recorded(tmp_path):
+    models, cells, save = expand_grid(TINY, ["badnets"], ["nft"], [0], [5], {"nft": {"steps": 2, "lr": "bad"}},
+                                      benign=False)
+    counts = run_grid(str(tmp_path), models, cells, save, RunOptions(threads=1), inline=True, log=lambda s: None)
+    assert counts == {"done": 1, "skipped": 0, "failed": 1}
+    assert len(load_records(str(tmp_path))) == 1
+    assert os.listdir(tmp_path / "errors") == [cells[0].cell_id + ".txt"]
+
+
+def _bench_cmd(out):
+    return [sys.executable, "-m", "nft", "bench", "--attacks", "badnets", "--defenses", "nft:default,nft:paper",
+            "--seeds", "0", "--clean-per-class", "5,2", "--inline", "--out", out] + CLI_TINY
+
+
+def test_resume_after_sigkill(tmp_path):
+    out = str(tmp_path / "res")
+    rdir = os.path.join(out, "records")
+    proc = subprocess.Popen(_bench_cmd(out), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.isdir(rdir) and len([f for f in os.listdir(rdir) if f.endswith(".json") and
+                                        not f.startswith(".")]) >= 3:
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "the bench finished before it could be killed midway"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    first = {f: (os.stat(os.path.join(rdir, f)).st_mtime_ns, open(os.path.join(rdir, f)).read())
+             for f in os.listdir(rdir) if f.endswith(".json") and not f.startswith(".")}
+    assert first and all(json.loads(v[1])["cell_id"] + ".json" == f for f, v in first.items())
+    res = subprocess.run(_bench_cmd(out), capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert 3 <= len(first) < 10
+    assert f"skipping {len(first)} finished cell(s) of 10" in res.stdout
+    assert f"{10 - len(first)} done, {len(first)} skipped" in res.stdout
+    recs = load_records(out)
+    assert len(recs) == 10 and len({r["cell_id"] for r in recs}) == 10
+    for f, (mtime, text) in first.items():  # finished cells were not run again, nor rewritten
+        assert os.stat(os.path.join(rdir, f)).st_mtime_ns == mtime and open(os.path.join(rdir, f)).read() == text
+    models = [d for d in os.listdir(os.path.join(out, "models")) if not d.startswith(".")
+              and os.path.isdir(os.path.join(out, "models", d))]
+    assert len(models) == 2
+
+
+def _ensure(root, spec):
+    from nft.bench import ensure_model
+
+    return ensure_model(root, ModelSpec(**spec), RunOptions(threads=1))[1]
+
+
+def test_concurrent_cells_train_a_shared_model_once(tmp_path):
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    spec = dict(TINY.__dict__, attack="badnets")
+    with ProcessPoolExecutor(2, mp_context=mp.get_context("spawn")) as pool:
+        trained = list(pool.map(_ensure, [str(tmp_path)] * 3, [spec] * 3))
+    assert sorted(trained) == [False, False, True]
+    assert len([d for d in os.listdir(tmp_path / "models") if not d.startswith(".") and
+                os.path.isdir(tmp_path / "models" / d)]) == 1
+
+
+def test_two_cells_on_a_local_ray_instance(tmp_path):
+    ray = pytest.importorskip("ray", reason="Ray is not installed (optional extra: pip install 'nft[ray]')")
+    models, cells, save = expand_grid(TINY, ["badnets"], ["nft:default"], [0], [5], NFT_SET, benign=False)
+    assert len(models) + len(cells) == 2
+    try:
+        counts = run_grid(str(tmp_path), models, cells, save, RunOptions(threads=1), jobs=2, ray_address="local",
+                          log=lambda s: None)
+    finally:
+        ray.shutdown()
+    assert counts == {"done": 2, "skipped": 0, "failed": 0}
+    assert len(load_records(str(tmp_path))) == 2
+
+
+def test_torn_and_temporary_records_are_ignored(grid, tmp_path):
+    import shutil
+
+    root = str(tmp_path / "copy")
+    shutil.copytree(os.path.join(grid[0], "records"), os.path.join(root, "records"))
+    with open(os.path.join(root, "records", ".tmp-abc-x.json"), "w") as f:
+        f.write('{"cell_id": "half')
+    with open(os.path.join(root, "records.jsonl"), "w") as f:
+        f.write(json.dumps({"cell_id": "extra", "acc": 1.0}) + "\n" + '{"cell_id": "torn", "ac')
+    ids = [r["cell_id"] for r in load_records(root, warn=False)]
+    assert len(ids) == 11 and "extra" in ids and "torn" not in ids
+    assert digest({"a": 1, "b": 2}) == digest({"b": 2, "a": 1})

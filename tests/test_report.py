@@ -1,0 +1,134 @@
+"""nft report: the table arithmetic on hand-made records, and the files a report writes."""
+import csv
+import io
+import json
+import os
+
+import pytest
+
+from nft.records import BENIGN, NO_DEFENSE, write_record
+from nft.report import avg_drop, build_report, fmt, group, mean_std, sections, table1
+
+
+def rec(attack, defense, seed, acc, asr, n=50, **kw):
+    cfg = {"model": {"dataset": "toy", "arch": "m", "arch_kwargs": {}, "attack": attack, "seed": seed,
+                     "poison_rate": 0.1, "target": 0, "label_mode": "all2one", "epochs": 1, "batch_size": 8,
+                     "lr": 0.1, "subset_train": None, "subset_test": None},
+           "defense": defense, "clean_per_class": n}
+    r = {"schema": 1, "cell_id": f"{attack}-{defense}-{n}-{seed}", "dataset": "toy", "model": "m",
+         "model_kwargs": {}, "attack": attack, "defense": defense, "seed": seed,
+         "clean_per_class": None if defense == NO_DEFENSE else n,
+         "clean_images": 0 if defense == NO_DEFENSE else 10 * n,
+         "acc": acc, "asr": None if attack == BENIGN else asr, "ra": None if attack == BENIGN else 100 - asr - 1,
+         "der": None, "before": {}, "seconds": None if defense == NO_DEFENSE else 10.0 + seed, "peak_mb": 5.0,
+         "device": "cpu", "threads": 1, "history": [], "config": cfg, "defense_config": {}, "model_key": "k",
+         "artifacts": {}, "code_version": "test", "created": "now", "train_seconds": 3.0}
+    r.update(kw)
+    return r
+
+
+def records():
+    out = []
+    # No Defense: a1 ASR 100/ACC 90 (seed 0) and 98/92 (seed 1); a2 ASR 96/ACC 94 both seeds.
+    for s, (a1, c1) in enumerate([(100, 90), (98, 92)]):
+        out += [rec(BENIGN, NO_DEFENSE, s, 95, None), rec("a1", NO_DEFENSE, s, c1, a1),
+                rec("a2", NO_DEFENSE, s, 94, 96)]
+    # d1: a1 -> ASR 2/ACC 88 and 4/ACC 90; a2 -> ASR 6/ACC 90 and 2/ACC 92; Benign -> ACC 93/94
+    for s, (x1, y1, x2, y2, b) in enumerate([(2, 88, 6, 90, 93), (4, 90, 2, 92, 94)]):
+        out += [rec("a1", "d1", s, y1, x1), rec("a2", "d1", s, y2, x2), rec(BENIGN, "d1", s, b, None)]
+    # a sample-efficiency point: d1 with 5 clean images per class, seed 0 only
+    out += [rec("a1", "d1", 0, 80, 30, n=5), rec("a2", "d1", 0, 82, 50, n=5)]
+    return out
+
+
+def test_mean_std_and_format():
+    assert mean_std([1.0, 3.0]) == (2.0, pytest.approx(2 ** 0.5), 2)
+    assert mean_std([None, 4.0, float("nan")]) == (4.0, 0.0, 1)
+    assert mean_std([None]) == (None, None, 0)
+    assert fmt(2.0, 1.41421, 2) == "2.00 ± 1.41"
+    assert fmt(2.0, 0.0, 1) == "2.00" and fmt(None) == "–"
+
+
+def test_avg_drop_is_the_papers():
+    recs = records()
+    g = group(recs)
+    attacks = [BENIGN, "a1", "a2"]
+    # seed means: None a1 ASR 99 ACC 91, a2 ASR 96 ACC 94; d1 a1 ASR 3 ACC 89, a2 ASR 4 ACC 91
+    # drops: ASR (96 + 92) / 2 = 94, ACC (2 + 3) / 2 = 2.5. Benign (ACC drop 1.5) is excluded.
+    mu, sd, n = avg_drop(g, attacks, "d1", 50, "asr")
+    assert mu == pytest.approx(94.0) and n == 2
+    # per seed: seed 0 (98 + 90) / 2 = 94, seed 1 (94 + 94) / 2 = 94 -> std 0
+    assert sd == pytest.approx(0.0)
+    mu, sd, _ = avg_drop(g, attacks, "d1", 50, "acc")
+    # per seed: seed 0 (2 + 4) / 2 = 3, seed 1 (2 + 2) / 2 = 2 -> mean 2.5, std 0.7071
+    assert mu == pytest.approx(2.5) and sd == pytest.approx(0.5 ** 0.5)
+    # the ANP column of the paper's CIFAR-10 Table 1 checks the same arithmetic: here on two attacks
+    mu, _, _ = avg_drop(g, attacks, "d1", 5, "asr")
+    assert mu == pytest.approx(((99 - 30) + (96 - 50)) / 2)
+
+
+def test_table1_layout():
+    sec = sections(records())[0]
+    assert sec.attacks == [BENIGN, "a1", "a2"] and sec.defenses == [NO_DEFENSE, "d1"] and sec.main_size == 50
+    t = table1(sec)
+    assert t.header == ["Attack", "No Defense ASR", "No Defense ACC", "D1 ASR", "D1 ACC"]
+    rows = {r[0]: r[1:] for r in t.rows}
+    assert list(rows) == ["Benign", "a1", "a2", "Avg. Drop"]
+    assert rows["Benign"] == ["–", "95.00 ± 0.00", "–", "93.50 ± 0.71"]
+    assert rows["a1"] == ["99.00 ± 1.41", "91.00 ± 1.41", "3.00 ± 1.41", "89.00 ± 1.41"]
+    assert rows["Avg. Drop"] == ["–", "–", "94.00 ± 0.00", "2.50 ± 0.71"]
+    assert table1(sections(records(), size=5)[0]).rows[-1][3] == "57.50"  # one seed: no ±
+
+
+def test_report_files_from_hand_made_records(tmp_path):
+    root = str(tmp_path)
+    for r in records():
+        if r["defense"] != NO_DEFENSE:
+            r["history"] = [{"step": s, "acc": 90 + s / 10, "asr": 100 - s} for s in (0, 50, 100)]
+        write_record(root, r)
+    paths = build_report(root, tsne_samples=0)
+    md = open(paths["markdown"]).read()
+    assert "### Table 1" in md and "| Avg. Drop | – | – | 94.00 ± 0.00 | 2.50 ± 0.71 |" in md
+    rows = list(csv.reader(io.StringIO(open(paths["table1_csv"]).read())))
+    assert rows[0][:4] == ["section", "clean_per_class", "Attack", "No Defense ASR"]
+    assert rows[-1][2] == "Avg. Drop" and float(rows[-1][5]) == pytest.approx(94.0)
+    summary = list(csv.DictReader(open(paths["summary_csv"])))
+    assert len(summary) == 3 + 3 + 2
+    html = open(paths["html"]).read()
+    assert html.count("data:image/png;base64,") == len(paths["figures"]) == 4
+    _check_pngs(paths["figures"])
+
+
+def _check_pngs(figures):
+    import matplotlib.image as mpimg
+
+    for p in figures:
+        with open(p, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n", p
+        assert os.path.getsize(p) > 5000, p
+        img = mpimg.imread(p)
+        assert img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 100 and img.std() > 0.01
+
+
+def test_report_of_a_real_bench_grid_with_tsne(tmp_path, capsys):
+    """A tiny real grid, then `nft report`: every plot, the t-SNE from the saved models included."""
+    from nft.cli import main
+
+    out = str(tmp_path / "res")
+    rc = main(["bench", "--attacks", "badnets", "--defenses", "nft:default", "--seeds", "0,1",
+               "--clean-per-class", "5,2", "--inline", "--out", out, "--model", "smallcnn", "--width", "4",
+               "--epochs", "1", "--batch-size", "64", "--subset-train", "400", "--subset-test", "200",
+               "--set", "nft.steps=8", "--set", "nft.eval_every=4", "--set", "nft.log_every=4",
+               "--set", "nft.batch_size=32", "--threads", "1", "--no-progress"])
+    assert rc == 0
+    assert main(["report", out, "--tsne-samples", "120"]) == 0
+    printed = capsys.readouterr().out
+    assert "Avg. Drop" in printed
+    summary = json.loads(printed.strip().splitlines()[-1])
+    figs = sorted(os.listdir(os.path.join(out, "report")))
+    assert {"s0_bars.png", "s0_purification.png", "s0_sample_efficiency.png", "s0_runtime.png",
+            "s0_tsne_badnets.png"} <= set(figs), figs
+    assert summary["figures"] == 5
+    _check_pngs([os.path.join(out, "report", f) for f in figs if f.endswith(".png")])
+    md = open(os.path.join(out, "report", "report.md")).read()
+    assert "± " in md and "| Benign |" in md and "| badnets |" in md
