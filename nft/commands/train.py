@@ -4,12 +4,13 @@ from __future__ import annotations
 import json
 
 from ..attacks import build_attack
-from ..data import load_dataset
+from ..errors import NFTError
 from ..evaluate import evaluate
 from ..io import StagedDir
-from ..registry import ATTACKS, DATASETS
+from ..registry import ATTACKS, DATASETS, MODELS
+from ..runs import read_dataset
 from ..trainer import TrainConfig, manifest_for, save_run, train_model
-from .common import add_runtime_args, runtime_from
+from .common import add_runtime_args, nonneg_int, positive_float, positive_int, runtime_from, unit_float
 
 
 def add_parser(sub):
@@ -18,14 +19,14 @@ def add_parser(sub):
     p.add_argument("--data-root", default=None)
     p.add_argument("--download", action="store_true")
     p.add_argument("--model", default="preactresnet18", help="a registered model or torchvision:NAME")
-    p.add_argument("--width", type=int, default=None, help="channel width (PreActResNet-18: 64 full, 16 on CPU)")
+    p.add_argument("--width", type=positive_int, default=None, help="channel width (PreActResNet-18: 64 full, 16 on CPU)")
     p.add_argument("--attack", default=None, help=f"one of {ATTACKS.names()}; omit for a benign model")
-    p.add_argument("--target", type=int, default=0)
+    p.add_argument("--target", type=nonneg_int, default=0)
     p.add_argument("--label-mode", default="all2one", choices=["all2one", "all2all"])
-    p.add_argument("--poison-rate", type=float, default=0.1)
-    p.add_argument("--epochs", type=float, default=8)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--poison-rate", type=unit_float, default=0.1)
+    p.add_argument("--epochs", type=positive_float, default=8)
+    p.add_argument("--batch-size", type=positive_int, default=128)
+    p.add_argument("--lr", type=positive_float, default=0.1)
     p.add_argument("--out", required=True, help="run directory to create")
     p.add_argument("--overwrite", action="store_true")
     add_runtime_args(p)
@@ -35,7 +36,13 @@ def add_parser(sub):
 def run(args) -> int:
     rt = runtime_from(args)
     staged = StagedDir(args.out, args.overwrite)  # refuse an existing directory before any work
-    data = load_dataset(args.dataset, root=args.data_root, download=args.download)
+    if not args.model.startswith("torchvision:"):
+        MODELS.get(args.model)  # an unknown name fails here, with a did-you-mean, before the data loads
+    if args.attack:
+        ATTACKS.get(args.attack)
+    data = read_dataset(args.dataset, args.data_root, args.download)
+    if args.attack and args.target >= data.num_classes:
+        raise NFTError(f"--target {args.target} is not a class of {data.name} (0..{data.num_classes - 1})")
     attack = None
     if args.attack:
         attack = build_attack(args.attack, num_classes=data.num_classes, image_shape=data.input_shape,
