@@ -132,13 +132,30 @@ def _defense_order(d: str):
     return (d != NO_DEFENSE, name == "nft", d)
 
 
+SETTING_KEYS = ("poison_rate", "target", "label_mode", "epochs", "batch_size", "lr", "subset_train", "subset_test")
+
+
+def _setting(r: dict) -> tuple:
+    m = (r.get("config") or {}).get("model") or {}
+    return tuple((k, m.get(k)) for k in SETTING_KEYS)
+
+
 def sections(records: list[dict], size: int | None = None) -> list[Section]:
+    """One section per (dataset, model, its kwargs, training setting); a setting shows in the name
+    only where one model was benchmarked under several (e.g. two poison rates)."""
     by = defaultdict(list)
     for r in records:
         kw = ", ".join(f"{k}={v}" for k, v in sorted((r.get("model_kwargs") or {}).items()))
-        by[f"{r['dataset']} · {r['model']}" + (f" ({kw})" if kw else "")].append(r)
+        by[(f"{r['dataset']} · {r['model']}" + (f" ({kw})" if kw else ""), _setting(r))].append(r)
+    settings = defaultdict(set)
+    for base, setting in by:
+        settings[base].add(setting)
     out = []
-    for name, recs in sorted(by.items()):
+    for (base, setting), recs in sorted(by.items(), key=lambda kv: str(kv[0])):
+        name = base
+        if len(settings[base]) > 1:
+            differ = [k for i, (k, v) in enumerate(setting) if len({st[i][1] for st in settings[base]}) > 1]
+            name += " [" + ", ".join(f"{k}={dict(setting)[k]}" for k in differ) + "]"
         s = Section(name, recs)
         s.attacks = sorted({r["attack"] for r in recs}, key=lambda a: (a != BENIGN, a))
         s.defenses = sorted({r["defense"] for r in recs}, key=_defense_order)

@@ -123,6 +123,7 @@ def sample_efficiency(sec: Section, path: str) -> str | None:
                 ax.errorbar([p[0] for p in pts], [p[1][0] for p in pts], yerr=[p[1][1] for p in pts], marker="o",
                             color=colors[d], label=defense_label(d), capsize=2)
         ax.set_xscale("log")
+        ax.minorticks_off()
         ax.set_xticks(sec.sizes, [str(s) for s in sec.sizes])
         ax.set_xlabel("clean images per class")
         ax.set_ylabel(f"{name} %")

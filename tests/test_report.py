@@ -80,6 +80,16 @@ def test_table1_layout():
     assert table1(sections(records(), size=5)[0]).rows[-1][3] == "57.50"  # one seed: no ±
 
 
+def test_sections_split_by_training_setting():
+    other = [dict(r, cell_id="p05-" + r["cell_id"], config=dict(r["config"], model=dict(r["config"]["model"],
+                                                                                      poison_rate=0.05)))
+             for r in records()]
+    secs = sections(records() + other)
+    assert [s.name for s in secs] == ["toy · m [poison_rate=0.05]", "toy · m [poison_rate=0.1]"]
+    assert [len(s.records) for s in secs] == [len(other), len(other)]
+    assert [s.name for s in sections(records())] == ["toy · m"]
+
+
 def test_report_files_from_hand_made_records(tmp_path):
     root = str(tmp_path)
     for r in records():
