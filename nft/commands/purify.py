@@ -16,6 +16,7 @@ from ..defenses import get_defense
 from ..errors import NFTError
 from ..evaluate import evaluate, poisoned_test_set
 from ..io import StagedDir, atomic_copy, atomic_save_safetensors, atomic_write_json, save_model
+from ..masks import find_sites
 from ..metrics import der
 from ..profile import measure
 from ..purify import RECIPES, NFTConfig, recipe
@@ -124,6 +125,9 @@ def run(args) -> int:
     check_out(args.out, args.model, args.clean_npz)
     staged = StagedDir(args.out, args.overwrite)  # refuse an existing directory before any work
     model, manifest = load_model_arg(args, rt.device)
+    if args.defense == "nft" and not find_sites(model, cfg.where):
+        raise NFTError(f"{args.model} has no maskable layer for --set where={cfg.where} (no norm layer"
+                       + (", conv or linear besides the head)" if cfg.where == "auto" else "; try --set where=auto)"))
     if args.dataset:
         manifest = dict(manifest, dataset=args.dataset)
     data = None
