@@ -26,7 +26,7 @@ import time
 
 import torch
 
-DEFENSES = ["clp", "fst", "nad", "rnp", "ibau", "ft", "fp", "awm", "nft:default", "nft:paper", "ftsam", "anp"]
+DEFENSES = ["clp", "fst", "nad", "rnp", "nft:paper", "nft:default", "ft", "fp", "ibau", "awm", "ftsam", "anp"]
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -62,17 +62,24 @@ def run_cells(a):
     torch.set_num_threads(a.threads)
     done = {(r["attack"], r["seed"], r["defense"]) for r in load_records(a.records)}
     rt = Runtime(device="cpu", progress=False, threads=a.threads)
-    for seed in a.seeds:
-        for attack_name in a.attacks:
+    cache = {}
+
+    def model_of(attack_name, seed):  # the backdoored model, its test sets and its numbers before defense
+        if (attack_name, seed) not in cache:
             run = os.path.join(a.models, f"{attack_name}-w16-s{seed}")
-            todo = [d for d in a.defenses if (attack_name, seed, d) not in done]
-            if not todo:
-                continue
             model, man = load_model(run)
             data = dataset_of(man)
             pois = poisoned_test_set(data.test, attack_from_run(run, man))
-            before = evaluate(model, data.test, runtime=rt, poisoned=pois)
-            for d in todo:
+            cache[(attack_name, seed)] = run, data, pois, evaluate(model, data.test, runtime=rt, poisoned=pois)
+        return cache[(attack_name, seed)]
+
+    # seed by seed, defense by defense (cheapest first), both attacks: whole seed-0 rows finish first
+    for seed in a.seeds:
+        for d in a.defenses:
+            for attack_name in a.attacks:
+                if (attack_name, seed, d) in done:
+                    continue
+                run, data, pois, before = model_of(attack_name, seed)
                 out = os.path.join(a.work, f"{attack_name}-s{seed}-{d.replace(':', '-')}")
                 cmd = command(run, d, seed, out, a.per_class, a.threads)
                 t0 = time.perf_counter()
@@ -104,6 +111,12 @@ LABEL = {"nft:default": "NFT (default recipe)", "nft:paper": "NFT (paper recipe)
          "clp": "CLP (data-free)", "fst": "FST", "sau": "SAU"}
 
 
+def verdict(asr, drop):
+    """Removed = ASR <= 10% with an ACC drop <= 5 points (our yardstick, stated in the notes)."""
+    fails = ([f"ASR stays {asr:.0f}%"] if asr > 10 else []) + ([f"ACC falls {drop:.0f} pts"] if drop > 5 else [])
+    return "removed" if not fails else "**fails**: " + ", ".join(fails)
+
+
 def write_table(a):
     recs = [r for r in load_records(a.records) if "after" in r]
     errs = [r for r in load_records(a.records) if "error" in r]
@@ -122,23 +135,25 @@ def write_table(a):
              ""]
     for attack_name in a.attacks:
         lines += [f"## {attack_name}", "",
-                  "| defense | seeds | ACC | ASR | RA | ACC drop | seconds | peak MB |",
-                  "|---|---|---:|---:|---:|---:|---:|---:|"]
+                  "| defense | seeds | ACC | ASR | RA | ACC drop | seconds | peak MB | verdict |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|---|"]
         rs0 = [r for r in recs if r["attack"] == attack_name]
         if rs0:
             b = {r["seed"]: r["before"] for r in rs0}
             lines.append(f"| no defense | {','.join(map(str, sorted(b)))} | {m([v['acc'] for v in b.values()]):.2f} | "
-                         f"{m([v['asr'] for v in b.values()]):.2f} | {m([v['ra'] for v in b.values()]):.2f} | | | |")
+                         f"{m([v['asr'] for v in b.values()]):.2f} | {m([v['ra'] for v in b.values()]):.2f} | | | | |")
         for d in a.defenses:
             rs = sorted((r for r in rs0 if r["defense"] == d), key=lambda r: r["seed"])
             if not rs:
-                lines.append(f"| {LABEL.get(d, d)} | not run | | | | | | |")
+                lines.append(f"| {LABEL.get(d, d)} | not run (see notes) | | | | | | | |")
                 continue
             acc = m([r["after"]["acc"] for r in rs])
             drop = m([r["before"]["acc"] - r["after"]["acc"] for r in rs])
+            asr = m([r["after"]["asr"] for r in rs])
             lines.append(f"| {LABEL.get(d, d)} | {','.join(str(r['seed']) for r in rs)} | {acc:.2f} | "
                          f"{m([r['after']['asr'] for r in rs]):.2f} | {m([r['after']['ra'] for r in rs]):.2f} | "
-                         f"{drop:.2f} | {m([r['seconds'] for r in rs]):.0f} | {m([r['peak_mb'] for r in rs]):.0f} |")
+                         f"{drop:.2f} | {m([r['seconds'] for r in rs]):.0f} | {m([r['peak_mb'] for r in rs]):.0f} | "
+                         f"{verdict(asr, drop)} |")
         lines.append("")
     if errs:
         lines += ["## Failed cells", ""] + [f"- {r['attack']} s{r['seed']} {r['defense']}: {r['error']}" for r in errs]
