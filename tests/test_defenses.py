@@ -330,3 +330,43 @@ def test_prune_neurons_handles_norm_and_channel_masks():
     mask[1] = 0.1
     pruned = prune_neurons(model, {"net.body.0": mask}, 0.2)
     assert pruned == {"net.body.0": 1} and torch.all(conv.weight[1] == 0) and torch.count_nonzero(conv.weight[0])
+
+
+# -- the CLI: `nft purify RUN --defense NAME` for every registered defense ------------------------
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    from nft.data import load_dataset
+    from nft.trainer import TrainConfig, manifest_for, save_run
+
+    d = tmp_path_factory.mktemp("defense-cli")
+    data = load_dataset("mnist10k")
+    cfg = TrainConfig(arch="smallcnn", arch_kwargs={"width": 4}, epochs=0.1, batch_size=64)
+    torch.manual_seed(0)
+    model = build_model("smallcnn", 10, 1, width=4, mean=data.mean, std=data.std)
+    save_run(str(d / "run"), model, manifest_for(data, cfg, Runtime(device="cpu", progress=False)))
+    return d
+
+
+@pytest.mark.parametrize("name", names())
+def test_cli_purify_runs_every_defense(name, run_dir):
+    import contextlib
+    import io
+    import json
+    import os
+
+    from nft.cli import main
+
+    fast = dict(FAST.get(name, {}))
+    sets = ["--steps", str(fast.pop("steps"))] if name == "nft" else []  # NFT's step count is its own flag
+    sets += [a for k, v in fast.items() for a in ("--set", f"{k}={json.dumps(v)}")]
+    out = run_dir / f"out-{name}"
+    with contextlib.redirect_stdout(io.StringIO()):
+        rc = main(["purify", str(run_dir / "run"), "--defense", name, "--per-class", "3", "--no-progress",
+                   "--device", "cpu", "--out", str(out), *sets])
+    assert rc == 0
+    metrics = json.load(open(out / "metrics.json"))
+    assert metrics["defense"] == name and metrics["seconds"] >= 0 and "peak_mb" in metrics
+    assert {"model.safetensors", "manifest.json", "history.json"} <= set(os.listdir(out))
+    manifest = json.load(open(out / "manifest.json"))
+    assert manifest["purified"]["defense"] == name
