@@ -17,7 +17,6 @@ RandomResizedCrop / flip; here the clean set's standard augmentation).
 """
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import asdict, dataclass
 
