@@ -38,6 +38,7 @@ class NFTConfig:
     adv: float = 0.0  # extra images per batch (fraction of it) carrying a universal adversarial perturbation
     adv_eps: float = 0.15  # L2 radius of that perturbation, as an RMS per pixel (radius = eps * sqrt(C*H*W))
     adv_step: float = 0.25  # ascent step, as a fraction of the radius (one normalised-gradient step per mask step)
+    adv_until: float = 1.0  # fraction of the steps that use the perturbation; the rest only MixUp (recovery)
     lr: float = 0.05  # SGD on the masks
     momentum: float = 0.95
     steps: int = 1000  # optimizer steps; batches drawn with replacement
@@ -59,7 +60,10 @@ RECIPES: dict[str, dict] = {
     # SGD 0.05 / 0.95, cosine over 5 blocks of 200 steps, 1,000 steps of 128 drawn with replacement.
     "paper": {},
     # This project's recipe; see benchmarks/NOTES.md for the measurements behind each choice.
-    "default": {"where": "auto", "patches": 0.5},
+    # Masks also on conv outputs that feed residual adds; a universal adversarial perturbation on
+    # half a batch of extra images for the first half of the steps (it finds what the backdoor
+    # responds to), then MixUp alone to recover clean accuracy; 400 steps.
+    "default": {"where": "auto", "adv": 0.5, "adv_until": 0.5, "steps": 400},
 }
 
 
@@ -82,6 +86,8 @@ def _scheduler(opt, cfg: NFTConfig):
 
         def f(s):
             k = min(s // block_len, blocks - 1)
+            if base <= 0:
+                return 1.0
             return (cfg.eta_min + (base - cfg.eta_min) * (1 + math.cos(math.pi * k / blocks)) / 2) / base
 
         return torch.optim.lr_scheduler.LambdaLR(opt, f)
@@ -127,7 +133,7 @@ def make_transform(cfg: NFTConfig, clean: CleanSet, g: torch.Generator, model: n
         if cfg.patches > 0:
             x = A.random_patches(x, g, cfg.patches, *cfg.patch_size)
         xm, ym = A.mixup(x, y, clean.num_classes, cfg.mixup_alpha, g)
-        if adv is not None:
+        if adv is not None and step <= cfg.adv_until * cfg.steps:
             k = max(1, round(cfg.adv * len(x)))
             xa = adv.update(model, x[:k], y[:k])
             xm = torch.cat([xm, xa])
