@@ -16,7 +16,7 @@ import threading
 
 from .errors import NFTError
 
-COMMANDS = ["demo", "train", "purify", "evaluate", "bench", "report"]
+COMMANDS = ["demo", "train", "purify", "evaluate", "bench", "report", "show_attack"]
 
 
 class Parser(argparse.ArgumentParser):

@@ -28,11 +28,36 @@ class TrainConfig:
     augment: str | None = None  # None: the dataset's own ('shift' for digits, 'crop_flip' for CIFAR)
 
 
+def setup_distributed(runtime: Runtime) -> bool:
+    """Join the process group that torchrun describes (RANK/WORLD_SIZE/MASTER_ADDR in the environment):
+    nccl on CUDA, gloo on CPU. Returns whether training is distributed."""
+    if not runtime.distributed:
+        return False
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        cuda = runtime.torch_device.type == "cuda"
+        if cuda:
+            torch.cuda.set_device(runtime.torch_device)
+        dist.init_process_group("nccl" if cuda else "gloo", rank=runtime.rank, world_size=runtime.world_size)
+    return True
+
+
 def train_model(data: DatasetSplits, cfg: TrainConfig, runtime: Runtime, attack=None, monitor=None):
-    """Poison the training set with ``attack`` (if any), train, and return (model, info)."""
+    """Poison the training set with ``attack`` (if any), train, and return (model, info).
+
+    Under torchrun (``runtime.world_size`` > 1) the model trains wrapped in DistributedDataParallel;
+    each rank takes its slice of every global batch, and the plain model comes back on every rank.
+    """
     runtime.seed_everything()
     model = build_model(cfg.arch, data.num_classes, data.input_shape[0], data.mean, data.std,
                         **cfg.arch_kwargs).to(runtime.torch_device)
+    net = model
+    if setup_distributed(runtime):
+        from torch.nn.parallel import DistributedDataParallel
+
+        cuda = runtime.torch_device.type == "cuda"
+        net = DistributedDataParallel(model, device_ids=[runtime.torch_device.index] if cuda else None)
     x, y, poison_idx = data.train.x, data.train.y, torch.empty(0, dtype=torch.long)
     if attack is not None and cfg.poison_rate > 0:
         x, y, poison_idx = attack.poison_train(x, y, cfg.poison_rate, runtime.generator(101))
@@ -46,12 +71,12 @@ def train_model(data: DatasetSplits, cfg: TrainConfig, runtime: Runtime, attack=
     hooks = Hooks(transform=transform, loss=getattr(attack_hooks, "loss", None),
                   after_step=getattr(attack_hooks, "after_step", None),
                   evaluate=monitor and (lambda step: monitor(model)), eval_every=0)
-    steps = steps_for(len(y), cfg.batch_size, cfg.epochs)
-    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+    steps = steps_for(len(y), cfg.batch_size * runtime.world_size, cfg.epochs)  # batch_size is per rank
+    opt = torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
                           nesterov=True)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=steps, pct_start=0.25)
     t0 = time.perf_counter()
-    history = train(model, x, y, opt, runtime, steps, cfg.batch_size, sched, hooks, desc="train")
+    history = train(net, x, y, opt, runtime, steps, cfg.batch_size, sched, hooks, desc="train")
     info = {"seconds": time.perf_counter() - t0, "history": history, "poison_index": poison_idx,
             "num_poisoned": int(len(poison_idx))}
     return model, info
@@ -83,3 +108,12 @@ def save_run(run_dir: str, model, manifest: dict, attack=None, history=None) -> 
     if history is not None:
         atomic_write_json(history, os.path.join(run_dir, "history.json"))
     return save_model(model, run_dir, manifest)
+
+
+def finish_distributed() -> None:
+    """Wait for every rank, then leave the process group (no-op when not distributed)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

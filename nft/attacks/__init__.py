@@ -1,6 +1,7 @@
 """Attack registry: one file per attack; ``build_attack(name, ...)``."""
 from ..registry import ATTACKS
-from . import badnets, blend  # noqa: F401  (registration)
+from . import (badnets, blend, bpp, cba, clb, fba, inputaware, issba, lf, lira, sig, trojan,  # noqa: F401
+               trojannn, wanet)
 from .base import Attack
 
 
