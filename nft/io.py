@@ -205,7 +205,7 @@ def model_from_manifest(manifest: dict, source: str = "manifest") -> nn.Module:
                            manifest["mean"], manifest["std"], **kwargs)
     except NFTError:
         raise
-    except (TypeError, ValueError, RuntimeError) as e:  # bad arch_kwargs: unexpected name, zero width, ...
+    except (TypeError, ValueError, RuntimeError, AssertionError) as e:  # bad arch_kwargs: unknown name, zero width, ...
         raise NFTError(f"cannot build {manifest['arch']} with {kwargs or 'its defaults'}: {str(e).splitlines()[0]}") from None
 
 

@@ -19,8 +19,13 @@ def attack_from_run(run_dir: str, manifest: dict):
         return None
     if not isinstance(spec, dict) or not isinstance(spec.get("name"), str) or not isinstance(spec.get("params", {}), dict):
         raise NFTError(f"the manifest of {run_dir} has a malformed attack entry (want name and params)")
+    params = spec.get("params", {})
+    for key, want in (("image_shape", manifest.get("input_shape")), ("num_classes", manifest.get("num_classes"))):
+        if key in params and want is not None and params[key] != want:
+            raise NFTError(f"the manifest of {run_dir} is inconsistent: the attack's {key} {params[key]!r} "
+                           f"differs from the model's {want!r}")
     try:
-        attack = build_attack(spec["name"], **spec.get("params", {}))
+        attack = build_attack(spec["name"], **params)
     except NFTError:
         raise
     except (TypeError, ValueError) as e:
