@@ -9,7 +9,7 @@ from ..evaluate import evaluate
 from ..io import StagedDir, model_from_manifest, probe
 from ..registry import ATTACKS, DATASETS, MODELS
 from ..runs import read_dataset
-from ..trainer import TrainConfig, manifest_for, save_run, train_model
+from ..trainer import TrainConfig, finish_distributed, manifest_for, save_run, train_model
 from .common import add_runtime_args, nonneg_int, positive_float, positive_int, runtime_from, unit_float
 
 
@@ -24,7 +24,8 @@ def add_parser(sub):
     p.add_argument("--target", type=nonneg_int, default=0)
     p.add_argument("--label-mode", default="all2one", choices=["all2one", "all2all"])
     p.add_argument("--poison-rate", type=unit_float, default=0.1)
-    p.add_argument("--epochs", type=positive_float, default=8)
+    p.add_argument("--epochs", type=positive_float, default=None,
+                   help="default: the attack's own train_epochs if it has one, else the trainer's 8")
     p.add_argument("--batch-size", type=positive_int, default=128)
     p.add_argument("--lr", type=positive_float, default=0.1)
     p.add_argument("--out", required=True, help="run directory to create")
@@ -50,14 +51,18 @@ def run(args) -> int:
     if args.attack:
         attack = build_attack(args.attack, num_classes=data.num_classes, image_shape=data.input_shape,
                               target=args.target, mode=args.label_mode, seed=args.seed)
-    cfg = TrainConfig(arch=args.model, arch_kwargs={"width": args.width} if args.width else {}, epochs=args.epochs,
+    epochs = args.epochs if args.epochs is not None else (getattr(attack, "train_epochs", None) or TrainConfig.epochs)
+    cfg = TrainConfig(arch=args.model, arch_kwargs={"width": args.width} if args.width else {}, epochs=epochs,
                       batch_size=args.batch_size, lr=args.lr, poison_rate=args.poison_rate if attack else 0.0)
     if attack is not None and hasattr(attack, "fit"):
         attack.fit(data, rt)
     model, info = train_model(data, cfg, rt, attack)
     metrics = evaluate(model, data.test, attack, rt)
-    manifest = manifest_for(data, cfg, rt, attack, metrics=metrics, train_seconds=info["seconds"])
-    with staged as tmp:
-        save_run(tmp, model, manifest, attack, info["history"])
-    print(json.dumps({"out": args.out, **metrics, "train_seconds": round(info["seconds"], 1)}))
+    manifest = manifest_for(data, cfg, rt, attack, metrics=metrics, train_seconds=info["seconds"],
+                            world_size=rt.world_size)
+    if rt.is_main:  # under torchrun only rank 0 writes the run directory
+        with staged as tmp:
+            save_run(tmp, model, manifest, attack, info["history"])
+        print(json.dumps({"out": args.out, **metrics, "train_seconds": round(info["seconds"], 1)}))
+    finish_distributed()
     return 0
