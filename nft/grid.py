@@ -55,6 +55,8 @@ def expand_grid(base: ModelSpec, attacks: list[str], defenses: list[str], seeds:
                 cells.append(c)
                 if m.seed == seeds[0] and n == clean_sizes[0]:
                     save_ids.add(c.cell_id)
+    # seed-major, Benign last within a seed: a grid stopped early still has whole tables for its first seeds
+    cells.sort(key=lambda c: (seeds.index(c.model.seed), c.model.attack == BENIGN, attacks.index(c.model.attack)))
     return models, cells, save_ids
 
 

@@ -38,6 +38,8 @@ def test_grid_expansion_includes_benign_and_validates_names():
     models, cells, save = expand_grid(TINY, ["badnets", "blend"], ["nft:default", "nft:paper"], [0, 1], [50, 5])
     assert [m.attack for m in models] == [BENIGN, BENIGN, "badnets", "badnets", "blend", "blend"]
     assert len(cells) == 6 * 2 * 2
+    assert [(c.model.seed, c.model.attack) for c in cells[::4]] == [(0, "badnets"), (0, "blend"), (0, BENIGN),
+                                                                    (1, "badnets"), (1, "blend"), (1, BENIGN)]
     assert len({c.cell_id for c in cells}) == len(cells)
     assert all(c.model.seed == 0 and c.clean_per_class == 50 for c in cells if c.cell_id in save)
     assert len(save) == 3 * 2
