@@ -56,8 +56,9 @@ def write_error(path: str, e: OSError) -> NFTError:
     return NFTError(f"could not write {path}: {e.strerror or e}")
 
 
-def _atomic_write(path: str, data: bytes) -> None:
-    """Write ``data`` to a temporary file in the same directory, fsync, then rename over ``path``."""
+def _atomic_write(path: str, data) -> None:
+    """Write ``data`` (bytes, or a function that writes to the path it is given) to a temporary file in
+    the same directory, fsync, then rename over ``path``."""
     d = os.path.dirname(os.path.abspath(path))
     tmp = None
     try:
@@ -65,7 +66,10 @@ def _atomic_write(path: str, data: bytes) -> None:
         fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix="-" + os.path.basename(path))
         os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            if callable(data):
+                data(tmp)
+            else:
+                f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -232,3 +232,14 @@ def test_real_full_disk(tmp_path, net):
         assert os.listdir(disk) == []
     finally:
         subprocess.run(["umount", str(disk)])
+
+
+def test_atomic_write_takes_bytes_or_a_writer(tmp_path):
+    """plots.py and others write through a function of the temporary path (matplotlib's savefig)."""
+    io._atomic_write(str(tmp_path / "a.bin"), b"\x00\x01")
+    io._atomic_write(str(tmp_path / "b.txt"), lambda p: open(p, "w").write("from a writer"))
+    assert open(tmp_path / "a.bin", "rb").read() == b"\x00\x01"
+    assert open(tmp_path / "b.txt").read() == "from a writer"
+    with pytest.raises(ZeroDivisionError):
+        io._atomic_write(str(tmp_path / "c.txt"), lambda p: 1 / 0)
+    assert sorted(os.listdir(tmp_path)) == ["a.bin", "b.txt"]
