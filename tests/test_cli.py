@@ -169,14 +169,17 @@ def test_full_disk(ws, tmp_path, monkeypatch):
 
 
 def test_same_seed_same_metrics(ws, tmp_path):
-    runs = []
-    for i in range(2):
-        out = tmp_path / f"p{i}"
-        rc, stdout, err = cli("purify", ws / "run", "--out", out, "--eval", "--steps", "8", "--set", "batch_size=16",
-                              "--per-class", "3", "--seed", "7", "--no-progress", "--device", "cpu")
-        assert rc == 0, err
-        runs.append((json.load(open(out / "metrics.json")), open(out / "masks.safetensors", "rb").read(),
-                     open(out / "model.safetensors", "rb").read()))
+    """Once in this process, once in a fresh one with another hash seed: identical metrics, masks and weights."""
+    argv = ["purify", ws / "run", "--eval", "--steps", "8", "--set", "batch_size=16", "--per-class", "3",
+            "--seed", "7", "--no-progress", "--device", "cpu", "--threads", "2"]
+    rc, _, err = cli(*argv, "--out", tmp_path / "p0")
+    assert rc == 0, err
+    env = dict(os.environ, PYTHONHASHSEED="123")
+    r = subprocess.run([sys.executable, "-m", "nft", *map(str, argv), "--out", str(tmp_path / "p1")],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    runs = [(json.load(open(tmp_path / p / "metrics.json")), open(tmp_path / p / "masks.safetensors", "rb").read(),
+             open(tmp_path / p / "model.safetensors", "rb").read()) for p in ("p0", "p1")]
     (m0, masks0, w0), (m1, masks1, w1) = runs
     assert {k: m0[k] for k in ("before", "after", "der")} == {k: m1[k] for k in ("before", "after", "der")}
     assert masks0 == masks1 and w0 == w1
