@@ -14,6 +14,7 @@ import torch
 from ..errors import NFTError
 from ..registry import DATASETS
 from .core import DatasetSplits, ImageData, holdout_split
+from .files import read_cifar, read_svhn
 
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.247, 0.243, 0.261)
 MNIST_MEAN, MNIST_STD = (0.1307,), (0.3081,)
@@ -91,22 +92,37 @@ def mnist(root=None, download=False, holdout=0.1, split_seed=0, **_):
                        split_seed, classes)
 
 
+def _fetch(cls_name, root, download, **kw):
+    """With --download, let torchvision fetch (and md5-check) the files; reading is ours either way."""
+    if download:
+        _tv(cls_name, root, True, **kw)
+
+
 @DATASETS.register("cifar10")
 def cifar10(root=None, download=False, holdout=0.1, split_seed=0, **_):
-    xt, yt, xv, yv, classes = _torchvision_pair("CIFAR10", root, download, {"train": True}, {"train": False})
+    """``root/cifar-10-batches-py/`` (the python version), read without unpickling code."""
+    _fetch("CIFAR10", root, download)
+    xt, yt, xv, yv, classes = read_cifar(_root(root), 10)
     return make_splits("cifar10", xt, yt, xv, yv, 10, CIFAR_MEAN, CIFAR_STD, "crop_flip", holdout, split_seed, classes)
 
 
 @DATASETS.register("cifar100")
 def cifar100(root=None, download=False, holdout=0.1, split_seed=0, **_):
-    xt, yt, xv, yv, classes = _torchvision_pair("CIFAR100", root, download, {"train": True}, {"train": False})
+    """``root/cifar-100-python/`` (fine labels), read without unpickling code."""
+    _fetch("CIFAR100", root, download)
+    xt, yt, xv, yv, classes = read_cifar(_root(root), 100)
     return make_splits("cifar100", xt, yt, xv, yv, 100, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762),
                        "crop_flip", holdout, split_seed, classes)
 
 
 @DATASETS.register("svhn")
 def svhn(root=None, download=False, holdout=0.1, split_seed=0, **_):
-    xt, yt, xv, yv, _c = _torchvision_pair("SVHN", root, download, {"split": "train"}, {"split": "test"}, "labels")
+    """``root/{train,test}_32x32.mat`` (needs scipy); the extra split is not used."""
+    if download:
+        _fetch("SVHN", root, True, split="train")
+        _fetch("SVHN", root, True, split="test")
+    xt, yt = read_svhn(_root(root), "train")
+    xv, yv = read_svhn(_root(root), "test")
     return make_splits("svhn", xt, yt, xv, yv, 10, (0.4377, 0.4438, 0.4728), (0.198, 0.201, 0.197), "crop",
                        holdout, split_seed)
 
@@ -116,8 +132,11 @@ def _load_images(paths, size: int) -> np.ndarray:
 
     out = np.empty((len(paths), size, size, 3), dtype=np.uint8)
     for i, p in enumerate(paths):
-        with Image.open(p) as im:
-            out[i] = np.asarray(im.convert("RGB").resize((size, size), Image.BILINEAR))
+        try:
+            with Image.open(p) as im:
+                out[i] = np.asarray(im.convert("RGB").resize((size, size), Image.BILINEAR))
+        except (OSError, ValueError) as e:
+            raise NFTError(f"cannot read image {p} ({e})") from None
     return out
 
 
@@ -161,14 +180,9 @@ def _tiny_imagenet_val(path: str, class_to_idx: dict):
     return paths, labels
 
 
-@DATASETS.register("imagefolder")
-def imagefolder(root=None, download=False, holdout=0.1, split_seed=0, image_size=64, **_):
-    """``root/train/<class>/*.jpg`` and ``root/val/<class>/*.jpg`` (ImageNet layout) or Tiny-ImageNet's val/.
-
-    Images are resized to ``image_size`` and held in memory as uint8.
-    """
+def _image_folder(name, root, holdout, split_seed, image_size):
     if root is None or not os.path.isdir(os.path.join(root, "train")):
-        raise NFTError(f"imagefolder needs --data-root with a train/ folder (got {root!r})")
+        raise NFTError(f"{name} needs --data-root with a train/ folder (got {root!r})")
     tr_paths, tr_labels, c2i = _folder(os.path.join(root, "train"))
     val = next((os.path.join(root, v) for v in ("val", "test") if os.path.isdir(os.path.join(root, v))), None)
     if val is None:
@@ -177,7 +191,32 @@ def imagefolder(root=None, download=False, holdout=0.1, split_seed=0, image_size
         va_paths, va_labels = _tiny_imagenet_val(val, c2i)
     else:
         va_paths, va_labels, _ = _folder(val, c2i)
+    for split, paths in (("train", tr_paths), (os.path.basename(val), va_paths)):
+        if not paths:
+            raise NFTError(f"no images in {os.path.join(root, split)}")
     xt, xv = _load_images(tr_paths, image_size), _load_images(va_paths, image_size)
     classes = sorted(c2i, key=c2i.get)
-    return make_splits(os.path.basename(os.path.normpath(root)), xt, tr_labels, xv, va_labels, len(classes),
-                       IMAGENET_MEAN, IMAGENET_STD, "crop_flip", holdout, split_seed, classes)
+    return make_splits(name, xt, tr_labels, xv, va_labels, len(classes), IMAGENET_MEAN, IMAGENET_STD, "crop_flip",
+                       holdout, split_seed, classes)
+
+
+@DATASETS.register("imagefolder")
+def imagefolder(root=None, download=False, holdout=0.1, split_seed=0, image_size=64, **_):
+    """``root/train/<class>/**/*.jpg`` and ``root/val/<class>/**/*.jpg`` (ImageNet layout), or
+    Tiny-ImageNet's ``val/images`` + ``val/val_annotations.txt``. Images are resized to
+    ``image_size`` and held in memory as uint8 (so ImageNet itself only as a subset)."""
+    return _image_folder("imagefolder", root, holdout, split_seed, image_size)
+
+
+@DATASETS.register("tinyimagenet")
+def tinyimagenet(root=None, download=False, holdout=0.1, split_seed=0, image_size=64, **_):
+    """Tiny-ImageNet-200 as unpacked (``train/<wnid>/images/*.JPEG``, ``val/images``,
+    ``val/val_annotations.txt``), 64 x 64."""
+    return _image_folder("tinyimagenet", root, holdout, split_seed, image_size)
+
+
+@DATASETS.register("imagenet")
+def imagenet(root=None, download=False, holdout=0.1, split_seed=0, image_size=224, **_):
+    """ImageNet (or a subset of its classes) in the ``train/<wnid>/`` + ``val/<wnid>/`` layout, 224 x 224,
+    held in memory as uint8: about 150 KB per image."""
+    return _image_folder("imagenet", root, holdout, split_seed, image_size)
