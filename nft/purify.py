@@ -31,7 +31,8 @@ class NFTConfig:
     where: str = "norm"  # mask placement: 'norm' (BN/GN/LN weights, the seed) or 'auto' (+ conv/linear outputs)
     clip_alpha: float = 0.8  # lower bound of layer l is clip_alpha * exp(-clip_beta * l) (seed schedule)
     clip_beta: float = 0.5
-    l1: float = 1e-3  # weight of ||1 - m||_1, divided by N_c (clean samples per class) as in the seed
+    l1: float = 1e-3  # weight of ||1 - m||_1
+    l1_per_class: bool = True  # divide the L1 weight by N_c (clean samples per class), as the seed does
     mixup_alpha: float = 1.0  # MixUp Beta(a, a); 1 = uniform lam
     patches: float = 0.0  # probability per image of a random noise patch (0 = off; see augment.random_patches)
     patch_size: tuple = (0.07, 0.25)  # patch side as a fraction of the image side (min, max)
@@ -158,7 +159,7 @@ def purify(model: nn.Module, clean: CleanSet, cfg: NFTConfig | None = None, runt
     masks = attach(model, cfg.where)
     lower = clip_schedule(len(masks.sites), cfg.clip_alpha, cfg.clip_beta)
     opt = torch.optim.SGD(masks.parameters(), lr=cfg.lr, momentum=cfg.momentum)
-    l1_weight = cfg.l1 / clean.per_class
+    l1_weight = cfg.l1 / clean.per_class if cfg.l1_per_class else cfg.l1
     # "Good" = masks and BN statistics whose forward pass gave a finite loss. A step's state is
     # confirmed when the next step's loss comes out finite; on a non-finite loss we roll back to it.
     snapshot = lambda: (masks.state_dict(), {k: b.detach().clone() for k, b in model.named_buffers()})  # noqa: E731
