@@ -227,3 +227,13 @@ def test_clean_label_rate_too_high_is_refused():
     data = fake_data(SHAPES[0])
     with pytest.raises(NFTError):
         a.poison_train(data.train.x, data.train.y, 0.2, torch.Generator())
+
+
+@pytest.mark.parametrize("name", ["badnets", "cba"])
+def test_show_attack_writes_png(tmp_path, name, capsys):
+    from nft.cli import main
+
+    out = tmp_path / "pics" / f"{name}.png"
+    assert main(["show-attack", name, "-n", "3", "--out", str(out), "--device", "cpu", "--no-progress"]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main(["show-attack", "--out", str(out)]) == 2  # no attack named, no run given

@@ -54,11 +54,12 @@ def _attack_and_data(args, rt):
     return attack, data
 
 
-def picture(attack, x: torch.Tensor, y: torch.Tensor, path: str, classes=None) -> str:
-    """Three rows: clean images, triggered images, residual (mid-gray = unchanged, scaled per image)."""
+def picture(attack, x: torch.Tensor, y: torch.Tensor, path: str, classes=None, triggered=None) -> str:
+    """Three rows: clean images, triggered images, residual (mid-gray = unchanged, scaled per image).
+    ``triggered`` = (images, backdoor labels) when they are not ``attack.apply(x, y)`` (CBA's composites)."""
     from ..plots import plt
 
-    xt, yt = attack.apply(x, y)
+    xt, yt = triggered if triggered is not None else attack.apply(x, y)
     xf, xtf = to_float(x), to_float(xt)
     res = xtf - xf
     scale = res.flatten(1).abs().max(1).values.clamp_min(1e-8).view(-1, 1, 1, 1)
@@ -96,8 +97,13 @@ def run(args) -> int:
         raise NFTError("--num must be at least 1")
     rt = runtime_from(args)
     attack, data = _attack_and_data(args, rt)
-    keep = attack.eligible(data.test.y).nonzero().flatten()[:args.num]
     path = args.out or f"attack-{attack.name}.png"
-    picture(attack, data.test.x[keep], data.test.y[keep], path, data.classes)
+    if hasattr(attack, "test_set"):  # CBA: the A image beside its A+B composite
+        xt, yt, ytrue = (t[:args.num] for t in attack.test_set(data.test))
+        first = (data.test.y == ytrue[0]).nonzero().flatten()[:len(ytrue)]
+        picture(attack, data.test.x[first], ytrue, path, data.classes, triggered=(xt, yt))
+    else:
+        keep = attack.eligible(data.test.y).nonzero().flatten()[:args.num]
+        picture(attack, data.test.x[keep], data.test.y[keep], path, data.classes)
     print(json.dumps({"out": path, "attack": attack.name, "params": attack.params()}))
     return 0
