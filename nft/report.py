@@ -10,8 +10,9 @@
 - the PNG plots of nft.report_plots and ``report.html``, one self-contained page (images inlined).
 
 Avg. Drop is computed as the paper does: for each defense, the mean over attacks (Benign excluded)
-of (No Defense value - defended value) in points, on the seed means; its ± is the std over seeds of
-the same quantity computed per seed (only seeds where every attack has both cells).
+of (No Defense value - defended value) in points, paired by seed; its ± is the std over seeds of
+the same quantity computed per seed (only seeds where every attack has both cells). A partial grid
+says over how many attacks its Avg. Drop was taken.
 """
 from __future__ import annotations
 
@@ -86,31 +87,38 @@ def cell_stats(groups, attack: str, defense: str, size, metric: str):
     return mean_std(r.get(metric) for r in groups.get(key, []))
 
 
+def _by_seed(groups, attack: str, defense: str, size, metric: str) -> dict[int, float]:
+    key = (attack, defense, None if defense == NO_DEFENSE else size)
+    return {r["seed"]: float(r[metric]) for r in groups.get(key, []) if r.get(metric) is not None}
+
+
 def avg_drop(groups, attacks: list[str], defense: str, size, metric: str) -> tuple[float | None, float | None, int]:
     """The paper's Avg. Drop of ``metric`` for ``defense``: mean over attacks (not Benign) of
-    (No Defense - defended), on seed means; std over seeds of the per-seed Avg. Drop."""
+    (No Defense - defended) in points; each attack's drop is the mean over the seeds that have both
+    cells (with every cell present, this is the drop of the seed means). Returns (mean, std over
+    seeds of the per-seed Avg. Drop (seeds where every attack has both cells), number of attacks)."""
     real = [a for a in attacks if a != BENIGN]
-    drops = []
+    per_attack, per_seed = [], defaultdict(list)
     for a in real:
-        base, _, nb = cell_stats(groups, a, NO_DEFENSE, None, metric)
-        d, _, nd = cell_stats(groups, a, defense, size, metric)
-        if nb and nd:
-            drops.append(base - d)
-    if not drops:
+        base, d = _by_seed(groups, a, NO_DEFENSE, None, metric), _by_seed(groups, a, defense, size, metric)
+        pairs = {s: base[s] - d[s] for s in base if s in d}
+        if pairs:
+            per_attack.append(statistics.fmean(pairs.values()))
+        for s, v in pairs.items():
+            per_seed[s].append(v)
+    if not per_attack:
         return None, None, 0
-    per_seed = []
-    seeds = sorted({r["seed"] for a in real for r in groups.get((a, defense, size), [])})
-    for s in seeds:
-        ds = []
-        for a in real:
-            b = [r.get(metric) for r in groups.get((a, NO_DEFENSE, None), []) if r["seed"] == s]
-            d = [r.get(metric) for r in groups.get((a, defense, size), []) if r["seed"] == s]
-            if b and d and b[0] is not None and d[0] is not None:
-                ds.append(b[0] - d[0])
-        if len(ds) == len(real):
-            per_seed.append(statistics.fmean(ds))
-    std = statistics.stdev(per_seed) if len(per_seed) > 1 else 0.0
-    return statistics.fmean(drops), std, max(1, len(per_seed))
+    complete = [statistics.fmean(v) for v in per_seed.values() if len(v) == len(real)]
+    std = statistics.stdev(complete) if len(complete) > 1 else None
+    return statistics.fmean(per_attack), std, len(per_attack)
+
+
+def drop_cell(groups, attacks: list[str], defense: str, size, metric: str) -> str:
+    """Avg. Drop as a table cell; '(k/n attacks)' when only k of the n attacks have both cells."""
+    mu, sd, k = avg_drop(groups, attacks, defense, size, metric)
+    n = len([a for a in attacks if a != BENIGN])
+    text = fmt(mu, sd, 2 if sd is not None else 1)
+    return text + (f" ({k}/{n} attacks)" if mu is not None and k < n else "")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -178,7 +186,7 @@ def table1(sec: Section) -> Table:
     drop = ["Avg. Drop"]
     for d in sec.defenses:
         for m in ("asr", "acc"):
-            drop.append("–" if d == NO_DEFENSE else fmt(*avg_drop(g, sec.attacks, d, sec.main_size, m)))
+            drop.append("–" if d == NO_DEFENSE else drop_cell(g, sec.attacks, d, sec.main_size, m))
     rows.append(drop)
     seeds = sorted({r["seed"] for r in sec.records})
     note = (f"ASR/ACC in %, mean ± std over seeds {seeds}; defenses use {sec.main_size} clean images per class. "

@@ -55,16 +55,23 @@ def test_avg_drop_is_the_papers():
     attacks = [BENIGN, "a1", "a2"]
     # seed means: None a1 ASR 99 ACC 91, a2 ASR 96 ACC 94; d1 a1 ASR 3 ACC 89, a2 ASR 4 ACC 91
     # drops: ASR (96 + 92) / 2 = 94, ACC (2 + 3) / 2 = 2.5. Benign (ACC drop 1.5) is excluded.
-    mu, sd, n = avg_drop(g, attacks, "d1", 50, "asr")
-    assert mu == pytest.approx(94.0) and n == 2
+    mu, sd, k = avg_drop(g, attacks, "d1", 50, "asr")
+    assert mu == pytest.approx(94.0) and k == 2
     # per seed: seed 0 (98 + 90) / 2 = 94, seed 1 (94 + 94) / 2 = 94 -> std 0
     assert sd == pytest.approx(0.0)
     mu, sd, _ = avg_drop(g, attacks, "d1", 50, "acc")
     # per seed: seed 0 (2 + 4) / 2 = 3, seed 1 (2 + 2) / 2 = 2 -> mean 2.5, std 0.7071
     assert mu == pytest.approx(2.5) and sd == pytest.approx(0.5 ** 0.5)
     # the ANP column of the paper's CIFAR-10 Table 1 checks the same arithmetic: here on two attacks
-    mu, _, _ = avg_drop(g, attacks, "d1", 5, "asr")
-    assert mu == pytest.approx(((99 - 30) + (96 - 50)) / 2)
+    # with cells missing, drops pair by seed: d1 at 5/class exists for seed 0 only
+    mu, sd, k = avg_drop(g, attacks, "d1", 5, "asr")
+    assert mu == pytest.approx(((100 - 30) + (96 - 50)) / 2) and sd is None and k == 2
+    # an attack without the defended cell is left out, and the table says so
+    partial = {key: v for key, v in g.items() if key != ("a2", "d1", 50)}
+    assert avg_drop(partial, attacks, "d1", 50, "asr")[0] == pytest.approx(96.0)
+    from nft.report import drop_cell
+
+    assert drop_cell(partial, attacks, "d1", 50, "asr") == "96.00 (1/2 attacks)"  # no seed has every attack
 
 
 def test_table1_layout():
@@ -77,7 +84,7 @@ def test_table1_layout():
     assert rows["Benign"] == ["–", "95.00 ± 0.00", "–", "93.50 ± 0.71"]
     assert rows["a1"] == ["99.00 ± 1.41", "91.00 ± 1.41", "3.00 ± 1.41", "89.00 ± 1.41"]
     assert rows["Avg. Drop"] == ["–", "–", "94.00 ± 0.00", "2.50 ± 0.71"]
-    assert table1(sections(records(), size=5)[0]).rows[-1][3] == "57.50"  # one seed: no ±
+    assert table1(sections(records(), size=5)[0]).rows[-1][3] == "58.00"  # one seed: no ±
 
 
 def test_sections_split_by_training_setting():
