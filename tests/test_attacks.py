@@ -237,3 +237,20 @@ def test_show_attack_writes_png(tmp_path, name, capsys):
     assert main(["show-attack", name, "-n", "3", "--out", str(out), "--device", "cpu", "--no-progress"]) == 0
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert main(["show-attack", "--out", str(out)]) == 2  # no attack named, no run given
+
+
+def test_train_then_eval_reproduces_asr_from_run_dir(tmp_path, capsys):
+    """A generator attack (LIRA) trained by `nft train`: `nft eval RUN_DIR` rebuilds it from the
+    manifest and attack.safetensors and gets the same ACC/ASR/RA."""
+    import json
+
+    from nft.cli import main
+
+    out = tmp_path / "run"
+    assert main(["train", "--attack", "lira", "--model", "smallcnn", "--width", "4", "--epochs", "0.1",
+                 "--device", "cpu", "--no-progress", "--out", str(out)]) == 0
+    trained = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (out / "attack.safetensors").is_file()
+    assert main(["eval", str(out), "--device", "cpu", "--no-progress"]) == 0
+    again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert all(again[k] == pytest.approx(trained[k]) for k in ("acc", "asr", "ra"))
