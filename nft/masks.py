@@ -166,9 +166,9 @@ class Masks:
         atomic_save_safetensors(self.state_dict(), path, {"where": self.where})
 
     def load(self, path: str) -> None:
-        from safetensors.torch import load_file
+        from .io import load_safetensors
 
-        self.load_state_dict(load_file(path))
+        self.load_state_dict(load_safetensors(path))
 
     # -- removal ----------------------------------------------------------------------------
     def fold(self) -> nn.Module:

@@ -77,7 +77,27 @@ def recipe(name: str = "default", **overrides) -> NFTConfig:
     if unknown:
         raise NFTError(f"unknown NFT setting(s) {sorted(unknown)}")
     cfg = replace(NFTConfig(), recipe=name, **RECIPES[name])
-    return replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
+    return validate(replace(cfg, **{k: v for k, v in overrides.items() if v is not None}))
+
+
+def validate(cfg: NFTConfig) -> NFTConfig:
+    """Reject settings that cannot run (NFTError names the first one)."""
+    checks = [
+        (cfg.where in ("norm", "auto"), "where must be 'norm' or 'auto'"),
+        (cfg.steps >= 1, "steps must be >= 1"),
+        (cfg.batch_size >= 1, "batch_size must be >= 1"),
+        (cfg.lr >= 0 and cfg.eta_min >= 0, "lr and eta_min must be >= 0"),
+        (0 <= cfg.momentum < 1, "momentum must be in [0, 1)"),
+        (cfg.l1 >= 0, "l1 must be >= 0"),
+        (cfg.mixup_alpha >= 0, "mixup_alpha must be >= 0"),
+        (0 <= cfg.patches <= 1 and 0 <= cfg.adv <= 1, "patches and adv must be in [0, 1]"),
+        (cfg.adv_eps >= 0 and cfg.adv_step >= 0 and 0 <= cfg.adv_until <= 1, "adv_eps, adv_step >= 0, adv_until in [0, 1]"),
+        (cfg.schedule in ("seed", "cosine", "constant"), "schedule must be 'seed', 'cosine' or 'constant'"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            raise NFTError(f"invalid NFT setting: {msg}")
+    return cfg
 
 
 def _scheduler(opt, cfg: NFTConfig):
@@ -153,7 +173,7 @@ def purify(model: nn.Module, clean: CleanSet, cfg: NFTConfig | None = None, runt
     ``model`` is not modified. ``monitor(model) -> dict`` is the caller's evaluation (its sets are
     never seen by NFT); it is called every ``cfg.eval_every`` steps with the masks in place.
     """
-    cfg = cfg or recipe("default")
+    cfg = validate(cfg or recipe("default"))
     runtime = runtime or Runtime()
     model = copy.deepcopy(model).to(runtime.torch_device)
     for p in model.parameters():

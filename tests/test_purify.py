@@ -80,3 +80,10 @@ def test_nonfinite_loss_keeps_last_good_masks(tiny):
     assert torch.isfinite(vals).all() and vals.min() < 1.0  # steps 1..11 did move the masks
     assert all(torch.isfinite(b).all() for b in purified.buffers())
     assert torch.isfinite(purified.inner(clean.x[:4])).all()
+
+
+@pytest.mark.parametrize("bad", [{"steps": 0}, {"lr": -1}, {"momentum": 1.5}, {"adv": 2}, {"where": "x"},
+                                 {"schedule": "nope"}, {"batch_size": 0}])
+def test_invalid_settings_are_refused(bad):
+    with pytest.raises(NFTError, match="invalid NFT setting"):
+        recipe("default", **bad)
