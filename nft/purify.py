@@ -47,6 +47,8 @@ class NFTConfig:
     schedule: str = "seed"  # 'seed': cosine over 5 blocks (T_max=5, eta_min), stepped per block; 'cosine': per step
     eta_min: float = 0.02
     train_mode: bool = True  # BN re-estimates its statistics from the augmented clean batches (seed behaviour)
+    bn_momentum: float | None = None  # BN running-stat momentum during NFT (None keeps the model's, 0.1)
+    bn_recal: int = 0  # after training, re-estimate BN statistics from this many plain (no MixUp) clean batches
     augment: str | None = None  # standard augmentation; None = the clean set's own (crop/flip, or shift for digits)
     log_every: int = 10
     eval_every: int = 100  # when the runner passes a monitor
@@ -166,6 +168,29 @@ def make_transform(cfg: NFTConfig, clean: CleanSet, g: torch.Generator, model: n
     return transform
 
 
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, clean: CleanSet, cfg: NFTConfig, runtime: Runtime) -> None:
+    """Re-estimate BatchNorm running statistics as a plain average over ``cfg.bn_recal`` batches of
+    clean images with the standard augmentation only. MixUp batches have less variance than real
+    images, so statistics gathered during mask training are biased (benchmarks/NOTES.md §2)."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not bns:
+        return
+    saved = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average
+    base = A.train_transform(cfg.augment or clean.augment)
+    g = runtime.generator(505, device=runtime.device)
+    gi = runtime.generator(506)
+    model.train()
+    for _ in range(cfg.bn_recal):
+        idx = torch.randint(0, len(clean), (cfg.batch_size,), generator=gi)
+        model(base(clean.x[idx].to(runtime.torch_device), g))
+    for m, mom in zip(bns, saved):
+        m.momentum = mom
+
+
 def purify(model: nn.Module, clean: CleanSet, cfg: NFTConfig | None = None, runtime: Runtime | None = None,
            monitor=None) -> tuple[nn.Module, Masks, list[dict], dict]:
     """Learn masks on ``clean`` and return (purified model with masks folded in, masks, history, extras).
@@ -179,6 +204,10 @@ def purify(model: nn.Module, clean: CleanSet, cfg: NFTConfig | None = None, runt
     for p in model.parameters():
         p.requires_grad_(False)
     masks = attach(model, cfg.where)
+    if cfg.bn_momentum is not None:
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.momentum = cfg.bn_momentum
     lower = clip_schedule(len(masks.sites), cfg.clip_alpha, cfg.clip_beta)
     opt = torch.optim.SGD(masks.parameters(), lr=cfg.lr, momentum=cfg.momentum)
     l1_weight = cfg.l1 / clean.per_class if cfg.l1_per_class else cfg.l1
@@ -216,6 +245,8 @@ def purify(model: nn.Module, clean: CleanSet, cfg: NFTConfig | None = None, runt
             for k, b in model.named_buffers():
                 b.copy_(good[1][k])
         stopped = f"stopped early: {e}; kept the last good masks"
+    if cfg.bn_recal > 0 and stopped is None:
+        recalibrate_bn(model, clean, cfg, runtime)
     model.eval()
     mask_state = masks.state_dict()
     extras = {"seconds": time.perf_counter() - t0, "mask_layout": masks.layout(), "num_masks": masks.numel,
