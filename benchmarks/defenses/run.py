@@ -36,7 +36,7 @@ def command(run, defense, seed, out, per_class, threads):
            "--seed", str(seed), "--clean-seed", str(seed), "--threads", str(threads), "--no-progress",
            "--device", "cpu", "--out", out, "--overwrite"]
     if recipe:
-        cmd[6:6] = ["--recipe", recipe]
+        cmd[7:7] = ["--recipe", recipe]
     return cmd
 
 
@@ -138,10 +138,8 @@ def write_table(a):
                   "| defense | seeds | ACC | ASR | RA | ACC drop | seconds | peak MB | verdict |",
                   "|---|---|---:|---:|---:|---:|---:|---:|---|"]
         rs0 = [r for r in recs if r["attack"] == attack_name]
-        if rs0:
-            b = {r["seed"]: r["before"] for r in rs0}
-            lines.append(f"| no defense | {','.join(map(str, sorted(b)))} | {m([v['acc'] for v in b.values()]):.2f} | "
-                         f"{m([v['asr'] for v in b.values()]):.2f} | {m([v['ra'] for v in b.values()]):.2f} | | | | |")
+        for seed, b in sorted({r["seed"]: r["before"] for r in rs0}.items()):
+            lines.append(f"| no defense (seed {seed}) | {seed} | {b['acc']:.2f} | {b['asr']:.2f} | {b['ra']:.2f} | | | | |")
         for d in a.defenses:
             rs = sorted((r for r in rs0 if r["defense"] == d), key=lambda r: r["seed"])
             if not rs:
