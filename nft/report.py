@@ -315,7 +315,26 @@ def settings_md(sec: Section) -> str:
     for d, cfg in defs.items():
         short = {k: v for k, v in cfg.items() if not isinstance(v, (list, dict))}
         lines.append(f"- {defense_label(d)} settings: `{json.dumps(short, sort_keys=True)}`")
+        mixed = mixed_settings(sec.records, d)
+        if mixed:
+            lines.append(f"- **warning**: {defense_label(d)} ran with different settings across cells "
+                         f"(a recipe changed between runs?): {mixed}")
     return "\n".join(lines) + "\n"
+
+
+def mixed_settings(records: list[dict], defense: str) -> str:
+    """'' when every cell of ``defense`` ran with the same resolved settings, else what differs."""
+    cfgs = [(r["cell_id"], r.get("defense_config") or {}) for r in records if r["defense"] == defense]
+    keys = sorted({k for _, c in cfgs for k in c})
+    differ = [k for k in keys if len({json.dumps(c.get(k), sort_keys=True) for _, c in cfgs}) > 1]
+    parts = []
+    for k in differ:
+        seen = defaultdict(list)
+        for cid, c in cfgs:
+            seen[json.dumps(c.get(k))].append(cid)
+        parts.append(f"{k}: " + "; ".join(f"{v} in {len(ids)} cell(s)" + (f" ({ids[0]})" if len(ids) == 1 else "")
+                                           for v, ids in seen.items()))
+    return ", ".join(parts)
 
 
 def _bench_main_size(results: str, records: list[dict]) -> int | None:

@@ -97,10 +97,11 @@ def purification(sec: Section, path: str) -> str | None:
                 continue
             steps = sorted(pts)
             acc = [statistics.fmean(v[0] for v in pts[s]) for s in steps]
-            ax.plot(steps, acc, "-", color=colors[d], label=f"{defense_label(d)} ACC")
+            mk = "o" if len(steps) < 3 else None  # a defense that logged only its end point still shows
+            ax.plot(steps, acc, "-", marker=mk, color=colors[d], label=f"{defense_label(d)} ACC")
             if all(v[1] is not None for s in steps for v in pts[s]):
                 asr = [statistics.fmean(v[1] for v in pts[s]) for s in steps]
-                ax.plot(steps, asr, "--", color=colors[d], label=f"{defense_label(d)} ASR")
+                ax.plot(steps, asr, "--", marker=mk, color=colors[d], label=f"{defense_label(d)} ASR")
         ax.set_title(attack_label(a))
         ax.set_xlabel("defense step")
         ax.set_ylim(-2, 102)

@@ -97,6 +97,18 @@ def test_sections_split_by_training_setting():
     assert [s.name for s in sections(records())] == ["toy · m"]
 
 
+def test_mixed_defense_settings_are_flagged():
+    from nft.report import mixed_settings, settings_md
+
+    recs = records()
+    for r in recs:
+        r["defense_config"] = {"steps": 400, "lr": 0.05}
+    assert mixed_settings(recs, "d1") == ""
+    recs[6]["defense_config"] = {"steps": 1000, "lr": 0.05}
+    assert mixed_settings(recs, "d1").startswith("steps: 1000 in 1 cell(s) (a1-d1-50-0); 400 in")
+    assert "**warning**: D1 ran with different settings" in settings_md(sections(recs)[0])
+
+
 def test_report_files_from_hand_made_records(tmp_path):
     root = str(tmp_path)
     for r in records():
