@@ -99,6 +99,7 @@ def _errors(ws):
         "unknown flag": (["purify", run, "--out", "O", "--bogus"], "unrecognized arguments"),
         "bad integer": (["purify", run, "--out", "O", "--steps", "ten"], "invalid int value|expected an integer"),
         "bad choice": (["purify", run, "--out", "O", "--recipe", "best"], "invalid choice"),
+        "steps twice": (["purify", run, "--out", "O", "--steps", "3", "--set", "steps=4"], "disagree"),
         "no command": ([], "required: command"),
         "unknown command": (["purfy"], "invalid choice"),
         "unusable device": (["eval", run, "--device", "cuda:99"], "not usable"),

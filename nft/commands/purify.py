@@ -106,7 +106,10 @@ def nft_config(args, sets: dict) -> NFTConfig:
                        + f" (settings: {', '.join(sorted(defaults))})")
     base = NFTConfig()
     typed = {k: _typed(k, v, getattr(base, k), str(defaults[k].type)) for k, v in sets.items()}
-    cfg = recipe(typed.pop("recipe", args.recipe), steps=args.steps, **typed)
+    if args.steps is not None and typed.get("steps") not in (None, args.steps):
+        raise NFTError(f"--steps {args.steps} and --set steps={typed['steps']} disagree; give one")
+    typed["steps"] = args.steps if args.steps is not None else typed.get("steps")
+    cfg = recipe(typed.pop("recipe", args.recipe), **typed)
     from ..augment import train_transform
 
     if cfg.augment is not None:
