@@ -11,6 +11,7 @@ manifest) go through :mod:`nft.checkpoints`.
 from __future__ import annotations
 
 import errno
+import functools
 import hashlib
 import json
 import math
@@ -132,14 +133,21 @@ def plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+@functools.lru_cache(maxsize=1)
 def code_version() -> str:
+    """Package version + git commit, read once per process (so a long run's records all name the code
+    it started with, not whatever HEAD is when each is written); '.dirty' marks uncommitted changes."""
     from . import __version__
 
     try:
         import subprocess
 
+        here = os.path.dirname(__file__)
         sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=os.path.dirname(__file__)).stdout.strip()
+                             cwd=here).stdout.strip()
+        if sha and subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "."], capture_output=True,
+                                  text=True, timeout=5, cwd=here).stdout.strip():
+            sha += ".dirty"
     except Exception:
         sha = ""
     return f"{__version__}+{sha}" if sha else __version__
