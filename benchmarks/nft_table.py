@@ -85,11 +85,13 @@ def table(a):
                 drop = acc_b - acc_a
                 t_asr, t_drop = TARGETS.get(pc, (None, None))
                 met = "yes" if t_asr is not None and asr_a <= t_asr and drop <= t_drop else "**no**"
+                accs = ", ".join(f"{r['after']['acc']:.2f}" for r in rs)
+                asrs = ", ".join(f"{r['after']['asr']:.2f}" for r in rs)
+                seeds = ",".join(str(r["seed"]) for r in rs)
+                secs = m([r["seconds"] for r in rs])
                 lines.append(
-                    f"| {attack_name} | {pc} | {rc} | {','.join(str(r['seed']) for r in rs)} | {acc_b:.2f} | "
-                    f"{acc_a:.2f} ({', '.join(f'{r['after']['acc']:.2f}' for r in rs)}) | {drop:.2f} | {asr_b:.2f} | "
-                    f"{asr_a:.2f} ({', '.join(f'{r['after']['asr']:.2f}' for r in rs)}) | <= {t_asr}, <= {t_drop} | "
-                    f"{met} | {m([r['seconds'] for r in rs]):.0f} |")
+                    f"| {attack_name} | {pc} | {rc} | {seeds} | {acc_b:.2f} | {acc_a:.2f} ({accs}) | {drop:.2f} | "
+                    f"{asr_b:.2f} | {asr_a:.2f} ({asrs}) | <= {t_asr}, <= {t_drop} | {met} | {secs:.0f} |")
     return "\n".join(lines)
 
 

@@ -74,7 +74,9 @@ def train_model(data: DatasetSplits, cfg: TrainConfig, runtime: Runtime, attack=
     steps = steps_for(len(y), cfg.batch_size * runtime.world_size, cfg.epochs)  # batch_size is per rank
     opt = torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
                           nesterov=True)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=steps, pct_start=0.25)
+    # OneCycleLR divides by zero below ~5 steps; such tiny runs (smoke tests) keep a constant lr
+    sched = (torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=steps, pct_start=0.25)
+             if steps >= 8 else None)
     t0 = time.perf_counter()
     history = train(net, x, y, opt, runtime, steps, cfg.batch_size, sched, hooks, desc="train")
     info = {"seconds": time.perf_counter() - t0, "history": history, "poison_index": poison_idx,
