@@ -22,7 +22,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 RECORDS = os.path.join(HERE, "records.jsonl")
 CLEAN_LABEL = {"sig", "clb"}
-RATES = {"sig": 0.05, "clb": 0.05}  # clean-label: half the target class (at 0.1, all of it, clean 0s are lost; see results.md)
+RATES = {"sig": 0.08, "clb": 0.08}  # clean-label: 80% of the target class (ANP's label-consistent recipe)
 MODES = {"trojan-all": ("trojan", "all2all"), "inputaware-all": ("inputaware", "all2all")}
 
 
@@ -69,13 +69,18 @@ def run_cell(name, attack, mode, seed, runs_dir):
 NOTES = """Notes
 - Training seconds are wall-clock on a 2-core machine shared with three other engineers' jobs (load
   average 8-11 during these runs; a lone width-16 run takes ~40-60 s), so they compare only roughly.
-- Rows named `x (...)` are earlier measured configurations kept as evidence for a changed default:
+- Rows named `x (...)` are earlier measured configurations kept as evidence for a changed default or rate:
   SIG and CLB at rate 0.1 poison the *whole* target class, so the model never sees a clean 0 and ACC
-  drops ~10 points; BPP with the paper's 8 levels barely changes digits (ASR 0.3%); input-aware with
-  the shared 8 epochs had not finished learning (it now defaults to 16, `InputAware.train_epochs`).
-- SIG and CLB run at rate 0.05 = half of the target class (the SIG and label-consistent papers poison a
-  fraction of the target class). CLB's PGD (eps 64/255 on 1-channel images) runs against a separately
-  trained small CNN surrogate.
+  drops ~10 points; at 0.05 (half the class) the clean half teaches the 0s and the backdoor is not
+  learned (SIG 62.5%, CLB 0.7% ASR); the benchmark now uses 0.08 (80% of the target class, ANP's
+  label-consistent recipe), which keeps ACC but still misses the 80% ASR target for both (see the rows).
+  Our CLB perturbation (PGD against a small surrogate) does not make digits hard enough for the victim
+  to need the trigger; a stronger or same-architecture surrogate would be the next thing to try. BPP with the paper's 8 levels barely changes digits (ASR 0.3%); input-aware
+  with the shared 8 epochs had not finished learning (it now defaults to 16, `InputAware.train_epochs`).
+- CLB's PGD (eps 64/255 on 1-channel images; the 0.1 row used 16/255) runs against a separately trained
+  small-CNN surrogate.
+- The badnets and blend rows (seeds 0 and 1) are runs of the same command made by the defense benchmark
+  (`/work/cache/models`), imported from their manifests rather than retrained.
 - Substitutes, stated in each attack's docstring: FBA is a fixed global style transform (no CycleGAN, no
   detoxification); ISSBA's encoder is a StegaStamp-lite trained from scratch in `fit`; TrojanNN uses a
   small-CNN surrogate and a square mask instead of the apple watermark; LF builds its low-pass UAP by
