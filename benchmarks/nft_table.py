@@ -24,6 +24,18 @@ from nft.purify import purify, recipe
 from nft.runs import attack_from_run, clean_set, dataset_of
 from nft.runtime import Runtime
 
+HEADER = """# NFT recipes on mnist10k (issue 2 targets)
+
+PreActResNet-18 width 16, 10% poison, target 0, models `/work/cache/models/{attack}-w16-s{seed}` made by
+`nft train --dataset mnist10k --model preactresnet18 --width 16 --attack A --poison-rate 0.1 --seed S --threads 1`.
+Clean images from the held-out pool (never trained on), picked per seed. Means over the seeds listed;
+per-seed values in brackets; records in `nft_table.jsonl`. Made by
+`python benchmarks/nft_table.py --threads 1` (resumable; `--table-only` rewrites this file). Seconds
+are wall-clock on a 2-core machine shared with other jobs (load 2-11), comparable only roughly.
+Rows that are missing have not been run yet.
+
+"""
+
 TARGETS = {50: (2.0, 1.0), 1: (5.0, 2.0)}  # per-class -> (max ASR %, max ACC drop in points)
 
 
@@ -111,7 +123,7 @@ def main():
         torch.set_num_threads(a.threads)
     if not a.table_only:
         run_cells(a)
-    md = table(a)
+    md = HEADER + table(a)
     with open(a.out, "w") as f:
         f.write(md + "\n")
     print(md)
