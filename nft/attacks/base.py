@@ -96,5 +96,19 @@ class Attack:
         return to_uint8(out) if images.dtype == torch.uint8 else out
 
 
+class PatternArtifact:
+    """Mixin for attacks whose whole learned or drawn state is one ``pattern`` of the image shape."""
+
+    def state_dict(self):
+        return {"pattern": self.pattern}
+
+    def load_state_dict(self, state):
+        if set(state) != {"pattern"} or tuple(state["pattern"].shape) != self.image_shape:
+            raise NFTError(f"{self.name} artifact must hold one 'pattern' of the image shape")
+        self.pattern = state["pattern"].float()
+        if hasattr(self, "fitted"):
+            self.fitted = True
+
+
 def pattern_generator(seed: int, salt: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 7919 + salt)

@@ -2,13 +2,12 @@
 choice; drawn from the attack's seed and saved as its artifact)."""
 import torch
 
-from ..errors import NFTError
 from ..registry import ATTACKS
-from .base import Attack, pattern_generator
+from .base import Attack, pattern_generator, PatternArtifact
 
 
 @ATTACKS.register("blend")
-class Blend(Attack):
+class Blend(PatternArtifact, Attack):
     name = "blend"
     modes = ("all2one", "all2all")
 
@@ -22,11 +21,3 @@ class Blend(Attack):
 
     def params(self):
         return dict(super().params(), alpha=self.alpha)
-
-    def state_dict(self):
-        return {"pattern": self.pattern}
-
-    def load_state_dict(self, state):
-        if set(state) != {"pattern"} or tuple(state["pattern"].shape) != self.image_shape:
-            raise NFTError("blend artifact must hold one 'pattern' of the image shape")
-        self.pattern = state["pattern"].float()

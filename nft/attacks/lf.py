@@ -10,9 +10,8 @@ BackdoorBench builds it with DeepFool-based UAP; its CIFAR-10 pattern peaks at 5
 import torch
 import torch.nn.functional as F
 
-from ..errors import NFTError
 from ..registry import ATTACKS
-from .base import Attack
+from .base import Attack, PatternArtifact
 from .common import check_fitted, train_surrogate
 
 
@@ -28,7 +27,7 @@ def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
 
 
 @ATTACKS.register("lf")
-class LowFrequency(Attack):
+class LowFrequency(PatternArtifact, Attack):
     name = "lf"
 
     def __init__(self, eps: float = 0.2, sigma: float = 2.0, steps: int = 200, step_size: float = 0.01,
@@ -64,12 +63,3 @@ class LowFrequency(Attack):
     def params(self):
         return dict(super().params(), eps=self.eps, sigma=self.sigma, steps=self.steps, step_size=self.step_size,
                     surrogate_epochs=self.surrogate_epochs)
-
-    def state_dict(self):
-        return {"pattern": self.pattern}
-
-    def load_state_dict(self, state):
-        if set(state) != {"pattern"} or tuple(state["pattern"].shape) != self.image_shape:
-            raise NFTError("lf artifact must hold one 'pattern' of the image shape")
-        self.pattern = state["pattern"].float()
-        self.fitted = True

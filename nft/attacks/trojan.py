@@ -10,11 +10,11 @@ import torch
 
 from ..errors import NFTError
 from ..registry import ATTACKS
-from .base import Attack, pattern_generator
+from .base import Attack, pattern_generator, PatternArtifact
 
 
 @ATTACKS.register("trojan")
-class Trojan(Attack):
+class Trojan(PatternArtifact, Attack):
     name = "trojan"
     modes = ("all2one", "all2all")
 
@@ -36,11 +36,3 @@ class Trojan(Attack):
 
     def params(self):
         return dict(super().params(), size=self.size, margin=self.margin)
-
-    def state_dict(self):
-        return {"pattern": self.pattern}
-
-    def load_state_dict(self, state):
-        if set(state) != {"pattern"} or tuple(state["pattern"].shape) != self.image_shape:
-            raise NFTError("trojan artifact must hold one 'pattern' of the image shape")
-        self.pattern = state["pattern"].float()

@@ -9,15 +9,14 @@ Artifact: the trigger pattern (zeros outside the mask). all2one (and all2all).
 """
 import torch
 
-from ..errors import NFTError
 from ..models import last_linear
 from ..registry import ATTACKS
-from .base import Attack
+from .base import Attack, PatternArtifact
 from .common import check_fitted, train_surrogate
 
 
 @ATTACKS.register("trojannn")
-class TrojanNN(Attack):
+class TrojanNN(PatternArtifact, Attack):
     name = "trojannn"
     modes = ("all2one", "all2all")
 
@@ -58,12 +57,3 @@ class TrojanNN(Attack):
     def params(self):
         return dict(super().params(), size=self.size, neurons=self.neurons, steps=self.steps,
                     step_size=self.step_size, act_target=self.act_target, surrogate_epochs=self.surrogate_epochs)
-
-    def state_dict(self):
-        return {"pattern": self.pattern}
-
-    def load_state_dict(self, state):
-        if set(state) != {"pattern"} or tuple(state["pattern"].shape) != self.image_shape:
-            raise NFTError("trojannn artifact must hold one 'pattern' of the image shape")
-        self.pattern = state["pattern"].float()
-        self.fitted = True
