@@ -4,7 +4,10 @@
         --try 'recipe=paper' --try 'recipe=default,steps=300' ...
 
 Each --try is comma-separated key=value NFTConfig overrides (values parsed as JSON).
-Evaluation uses the test set only to report; nothing is selected on it automatically.
+Evaluation is on the dev split by default: the defender's held-out pool minus the images picked as
+the clean set (never trained on, never seen by NFT, disjoint from the test set), so recipe choices
+are not made on test data. ``--eval test`` reports on the test set instead (for final tables use
+benchmarks/nft_table.py).
 """
 import argparse
 import json
@@ -16,6 +19,7 @@ from nft.evaluate import evaluate, poisoned_test_set
 from nft.io import load_model
 from nft.purify import purify, recipe
 from nft.runs import attack_from_run, clean_set, dataset_of
+from nft.data.core import ImageData, stratified_pick
 from nft.runtime import Runtime
 
 
@@ -38,6 +42,7 @@ def main():
     ap.add_argument("--clean-seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--curve", action="store_true", help="evaluate every eval_every steps")
+    ap.add_argument("--eval", choices=("dev", "test"), default="dev")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -46,18 +51,24 @@ def main():
         model, man = load_model(run)
         data = dataset_of(man)
         attack = attack_from_run(run, man)
-        pois = poisoned_test_set(data.test, attack)
         clean = clean_set(data.heldout, data.num_classes, data.augment, per_class=a.per_class, seed=a.clean_seed)
-        before = evaluate(model, data.test, runtime=rt, poisoned=pois)
+        if a.eval == "dev":
+            keep = torch.ones(len(data.heldout), dtype=torch.bool)
+            keep[stratified_pick(data.heldout.y, data.num_classes, a.per_class, None, a.clean_seed)] = False
+            target = ImageData(data.heldout.x[keep], data.heldout.y[keep])
+        else:
+            target = data.test
+        pois = poisoned_test_set(target, attack)
+        before = evaluate(model, target, runtime=rt, poisoned=pois)
         for t in a.tries:
             over = parse(t)
             cfg = recipe(over.pop("recipe", "default"), **over)
-            mon = (lambda m: evaluate(m, data.test, runtime=rt, poisoned=pois)) if a.curve else None
+            mon = (lambda m: evaluate(m, target, runtime=rt, poisoned=pois)) if a.curve else None
             t0 = time.perf_counter()
             pm, masks, hist, ex = purify(model, clean, cfg, rt, mon)
             secs = time.perf_counter() - t0
-            after = evaluate(pm, data.test, runtime=rt, poisoned=pois)
-            rec = {"run": run, "try": t, "per_class": a.per_class, "before": before, "after": after,
+            after = evaluate(pm, target, runtime=rt, poisoned=pois)
+            rec = {"run": run, "try": t, "per_class": a.per_class, "eval": a.eval, "eval_n": len(target), "before": before, "after": after,
                    "seconds": round(secs, 1), "masks_below_0.5": ex["masks_below_0.5"], "num_masks": ex["num_masks"],
                    "final_loss": hist[-1].get("loss") if hist else None}
             if a.curve:

@@ -20,7 +20,9 @@ import torch
 
 from nft.evaluate import evaluate, poisoned_test_set
 from nft.io import load_model
-from nft.purify import purify, recipe
+from dataclasses import asdict
+
+from nft.purify import NFTConfig, purify, recipe
 from nft.runs import attack_from_run, clean_set, dataset_of
 from nft.runtime import Runtime
 
@@ -32,9 +34,21 @@ Clean images from the held-out pool (never trained on), picked per seed. Means o
 per-seed values in brackets; records in `nft_table.jsonl`. Made by
 `python benchmarks/nft_table.py --threads 1` (resumable; `--table-only` rewrites this file). Seconds
 are wall-clock on a 2-core machine shared with other jobs (load 2-11), comparable only roughly.
-Rows that are missing have not been run yet.
+Rows that are missing have not been run yet. Only records made with the recipe as defined now are
+counted (earlier ones stay in the .jsonl as history).
 
 """
+
+DEFAULTS = json.loads(json.dumps(asdict(NFTConfig())))
+
+
+def current(rec: dict) -> bool:
+    """Was this record made with the recipe as it is defined now? Settings added to NFTConfig after
+    the record was written count as unchanged when the recipe leaves them at their default."""
+    now, then = json.loads(json.dumps(asdict(recipe(rec["recipe"])))), rec.get("config", {})
+    skip = {"log_every", "eval_every"}
+    return all(then.get(k, DEFAULTS[k]) == v for k, v in now.items() if k not in skip)
+
 
 TARGETS = {50: (2.0, 1.0), 1: (5.0, 2.0)}  # per-class -> (max ASR %, max ACC drop in points)
 
@@ -48,7 +62,8 @@ def run_cells(a):
                     r = json.loads(line)
                 except json.JSONDecodeError:
                     continue  # a torn last line from an interrupted run
-                done.add((r["attack"], r["seed"], r["per_class"], r["recipe"]))
+                if current(r):
+                    done.add((r["attack"], r["seed"], r["per_class"], r["recipe"]))
     rt = Runtime(device="cpu", seed=0, progress=False)
     for attack_name in a.attacks:
         for seed in a.seeds:
@@ -79,7 +94,7 @@ def run_cells(a):
 
 
 def table(a):
-    recs = [json.loads(line) for line in open(a.records) if line.strip()]
+    recs = [r for r in (json.loads(line) for line in open(a.records) if line.strip()) if current(r)]
     lines = [
         "| attack | clean/class | recipe | seeds | ACC before | ACC after (per seed) | ACC drop | ASR before | ASR after (per seed) | target (ASR, drop) | met | seconds/run |",
         "|---|---:|---|---|---:|---|---:|---:|---|---|---|---:|",

@@ -40,6 +40,9 @@ class NFTConfig:
     adv_eps: float = 0.15  # L2 radius of that perturbation, as an RMS per pixel (radius = eps * sqrt(C*H*W))
     adv_step: float = 0.25  # ascent step, as a fraction of the radius (one normalised-gradient step per mask step)
     adv_until: float = 1.0  # fraction of the steps that use the perturbation; the rest only MixUp (recovery)
+    kd: float = 0.0  # weight of KL(original || masked) on the clean (MixUp) images: the original model's full
+    # output on interpolated clean images says more than ten hard labels, and it is clean there
+    kd_temp: float = 2.0  # softmax temperature of that term (scaled by T^2)
     lr: float = 0.05  # SGD on the masks
     momentum: float = 0.95
     steps: int = 1000  # optimizer steps; batches drawn with replacement
@@ -49,6 +52,8 @@ class NFTConfig:
     train_mode: bool = True  # BN re-estimates its statistics from the augmented clean batches (seed behaviour)
     bn_momentum: float | None = None  # BN running-stat momentum during NFT (None keeps the model's, 0.1)
     bn_recal: int = 0  # after training, re-estimate BN statistics from this many plain (no MixUp) clean batches
+    bn_recal_mode: str = "replace"  # 'replace': use those estimates; 'delta': keep the model's own statistics
+    # and move them only by what the masks changed (estimate on the same batches before and after)
     augment: str | None = None  # standard augmentation; None = the clean set's own (crop/flip, or shift for digits)
     log_every: int = 10
     eval_every: int = 100  # when the runner passes a monitor
@@ -95,6 +100,8 @@ def validate(cfg: NFTConfig) -> NFTConfig:
         (0 <= cfg.patches <= 1 and 0 <= cfg.adv <= 1, "patches and adv must be in [0, 1]"),
         (cfg.adv_eps >= 0 and cfg.adv_step >= 0 and 0 <= cfg.adv_until <= 1, "adv_eps, adv_step >= 0, adv_until in [0, 1]"),
         (cfg.schedule in ("seed", "cosine", "constant"), "schedule must be 'seed', 'cosine' or 'constant'"),
+        (cfg.kd >= 0 and cfg.kd_temp > 0, "kd >= 0 and kd_temp > 0"),
+        (cfg.bn_recal >= 0 and cfg.bn_recal_mode in ("replace", "delta"), "bn_recal >= 0, bn_recal_mode 'replace' or 'delta'"),
     ]
     for ok, msg in checks:
         if not ok:
@@ -154,6 +161,7 @@ def make_transform(cfg: NFTConfig, clean: CleanSet, g: torch.Generator, model: n
         if cfg.adv > 0 and model is not None else None
 
     def transform(x, y, step):
+        transform.clean = len(x)  # the first images of the batch are clean (MixUp); the rest carry delta
         x = base(x, g)
         if cfg.patches > 0:
             x = A.random_patches(x, g, cfg.patches, *cfg.patch_size)
@@ -165,7 +173,27 @@ def make_transform(cfg: NFTConfig, clean: CleanSet, g: torch.Generator, model: n
             ym = torch.cat([ym, A.soft_targets(y[:k], clean.num_classes)])
         return xm, ym
 
+    transform.clean = 0
     return transform
+
+
+def make_loss(cfg: NFTConfig, teacher: nn.Module | None, transform):
+    """Cross-entropy on soft targets, plus (``cfg.kd`` > 0) distillation from the original model on
+    the clean part of the batch only: on images that carry the perturbation it would teach the backdoor."""
+    if not cfg.kd or teacher is None:
+        return None
+    T = cfg.kd_temp
+
+    def loss(model, x, y, step):
+        out = model(x)
+        ce = nn.functional.cross_entropy(out, y)
+        k = transform.clean
+        with torch.no_grad():
+            p = nn.functional.softmax(teacher(x[:k]) / T, 1)
+        kl = nn.functional.kl_div(nn.functional.log_softmax(out[:k] / T, 1), p, reduction="batchmean")
+        return ce + cfg.kd * T * T * kl
+
+    return loss
 
 
 @torch.no_grad()
@@ -191,6 +219,29 @@ def recalibrate_bn(model: nn.Module, clean: CleanSet, cfg: NFTConfig, runtime: R
         m.momentum = mom
 
 
+def _bn_stats(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    return {n: (m.running_mean.clone(), m.running_var.clone()) for n, m in model.named_modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats}
+
+
+@torch.no_grad()
+def transfer_bn_delta(original: nn.Module, model: nn.Module, clean: CleanSet, cfg: NFTConfig, runtime: Runtime) -> None:
+    """Give ``model`` the statistics of ``original`` (estimated on its full training data) moved by
+    what the masks changed: mean + (after - before), var * (after / before), where before/after are
+    estimated from the same clean batches with the original and the masked model. The bias of a tiny
+    clean set (ten images say little about the variance of a class) cancels in the difference."""
+    own = _bn_stats(original)
+    ref = copy.deepcopy(original).to(runtime.torch_device)
+    recalibrate_bn(ref, clean, cfg, runtime)
+    before = _bn_stats(ref)
+    recalibrate_bn(model, clean, cfg, runtime)
+    for n, m in model.named_modules():
+        if n in own:
+            (mu, var), (mu0, var0) = own[n], before[n]
+            m.running_mean.copy_(mu.to(m.running_mean) + m.running_mean - mu0)
+            m.running_var.copy_(var.to(m.running_var) * (m.running_var + 1e-5) / (var0 + 1e-5))
+
+
 def purify(model: nn.Module, clean: CleanSet, cfg: NFTConfig | None = None, runtime: Runtime | None = None,
            monitor=None) -> tuple[nn.Module, Masks, list[dict], dict]:
     """Learn masks on ``clean`` and return (purified model with masks folded in, masks, history, extras).
@@ -200,7 +251,7 @@ def purify(model: nn.Module, clean: CleanSet, cfg: NFTConfig | None = None, runt
     """
     cfg = validate(cfg or recipe("default"))
     runtime = runtime or Runtime()
-    model = copy.deepcopy(model).to(runtime.torch_device)
+    original, model = model, copy.deepcopy(model).to(runtime.torch_device)
     for p in model.parameters():
         p.requires_grad_(False)
     masks = attach(model, cfg.where)
@@ -223,8 +274,11 @@ def purify(model: nn.Module, clean: CleanSet, cfg: NFTConfig | None = None, runt
         masks.clip_(lower)
         pending = snapshot()
 
+    transform = make_transform(cfg, clean, runtime.generator(303, device=runtime.device), model)
+    teacher = copy.deepcopy(original).to(runtime.torch_device).eval() if cfg.kd else None
     hooks = Hooks(
-        transform=make_transform(cfg, clean, runtime.generator(303, device=runtime.device), model),
+        transform=transform,
+        loss=make_loss(cfg, teacher, transform),
         penalty=lambda: l1_weight * masks.l1_to_one(),
         after_step=after_step,
         evaluate=monitor and (lambda step: monitor(model)),
@@ -246,7 +300,10 @@ def purify(model: nn.Module, clean: CleanSet, cfg: NFTConfig | None = None, runt
                 b.copy_(good[1][k])
         stopped = f"stopped early: {e}; kept the last good masks"
     if cfg.bn_recal > 0 and stopped is None:
-        recalibrate_bn(model, clean, cfg, runtime)
+        if cfg.bn_recal_mode == "delta":
+            transfer_bn_delta(original, model, clean, cfg, runtime)
+        else:
+            recalibrate_bn(model, clean, cfg, runtime)
     model.eval()
     mask_state = masks.state_dict()
     extras = {"seconds": time.perf_counter() - t0, "mask_layout": masks.layout(), "num_masks": masks.numel,

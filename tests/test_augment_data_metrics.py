@@ -76,6 +76,20 @@ def test_random_patches_only_change_a_square():
     assert out.min() >= 0 and out.max() <= 1
 
 
+def test_affine_keeps_range_moves_mass_and_is_seeded():
+    x = torch.zeros(64, 1, 28, 28)
+    x[:, :, 10:18, 10:18] = 1
+    out = A.affine(x, g())
+    assert out.shape == x.shape and out.min() >= 0 and out.max() <= 1
+    assert torch.equal(out, A.affine(x, g()))  # same generator state, same maps
+    centres = (out[:, 0] * torch.arange(28.0)[None, :, None]).sum((1, 2)) / out[:, 0].sum((1, 2))
+    assert centres.std() > 0.3  # each image got its own map
+    # a map near the identity keeps a square near where it was; its mass within the scale range
+    ident = A.affine(x, g(), degrees=0, scale=(1, 1), shear=0, translate=0)
+    assert torch.allclose(ident, x, atol=1e-5)
+    assert 0.75 < (out.sum((1, 2, 3)) / x.sum((1, 2, 3))).min() and (out.sum((1, 2, 3)) / x.sum((1, 2, 3))).max() < 1.3
+
+
 def test_flip_and_crop_shapes():
     x = torch.rand(8, 3, 32, 32)
     assert A.flip(x, g()).shape == x.shape

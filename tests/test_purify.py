@@ -1,4 +1,6 @@
 """End-to-end NFT on a tiny backdoored model, in seconds."""
+import copy
+
 import pytest
 import torch
 from torch.nn.utils import parametrize
@@ -56,6 +58,40 @@ def test_purify_end_to_end(tiny):
     assert lows[-1]["step"] == 40 and len(seen) >= 2
     after = evaluate(purified, data.test, attack, rt)
     assert after["acc"] > before["acc"] - 15  # 40 steps must not wreck the model
+
+
+def test_bn_delta_transfer_keeps_own_statistics_when_nothing_changed(tiny):
+    rt, data, attack, model, clean = tiny
+    from nft.purify import transfer_bn_delta
+
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+                              torch.nn.Conv2d(4, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(),
+                              torch.nn.LazyLinear(10))
+    net(clean.x[:2]).sum()
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-1, 1)
+                m.running_var.uniform_(0.5, 2)
+    cfg = recipe("default", bn_recal=3, bn_recal_mode="delta", batch_size=16)
+    same = copy.deepcopy(net)
+    transfer_bn_delta(net, same, clean, cfg, rt)  # nothing changed: the model keeps its own statistics
+    for a, b in zip(net.modules(), same.modules()):
+        if isinstance(a, torch.nn.BatchNorm2d):
+            assert torch.allclose(a.running_mean, b.running_mean, atol=1e-5)
+            assert torch.allclose(a.running_var, b.running_var, rtol=1e-4)
+    scaled = copy.deepcopy(net)
+    with torch.no_grad():
+        scaled[0].weight.mul_(2)
+        scaled[0].bias.mul_(2)  # the first BN's input doubles: its mean x2 shift, its variance x4
+    ref = copy.deepcopy(net)
+    transfer_bn_delta(net, scaled, clean, cfg, rt)
+    from nft.purify import recalibrate_bn
+
+    recalibrate_bn(ref, clean, cfg, rt)
+    bn0, bn_ref = scaled[1], ref[1]
+    assert torch.allclose(bn0.running_mean, net[1].running_mean + bn_ref.running_mean, atol=1e-4)
+    assert torch.allclose(bn0.running_var, net[1].running_var * 4, rtol=1e-3)
 
 
 class Bomb(torch.nn.Module):
