@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from ..registry import ATTACKS
 from .base import Attack
-from .common import train_surrogate
+from .common import pgd, train_surrogate
 
 CORNER = torch.tensor([[1.0, -1.0, -1.0], [-1.0, 1.0, -1.0], [1.0, -1.0, 1.0]])
 
@@ -33,12 +33,14 @@ class LabelConsistent(Attack):
     clean_label = True
 
     def __init__(self, eps: float | None = None, step_size: float | None = None, steps: int = 40,
-                 amplitude: float = 1.0, size: int | None = None, surrogate_epochs: float = 2, **kw):
+                 amplitude: float = 1.0, size: int | None = None, surrogate_epochs: float = 2,
+                 surrogate_adv_eps: float = 0.0, surrogate_arch: str = "smallcnn", **kw):
         super().__init__(**kw)
         eps = eps if eps is not None else (16 / 255 if self.image_shape[0] >= 3 else 64 / 255)
         step_size = step_size if step_size is not None else 2.5 * eps / max(1, steps)
         self.eps, self.step_size, self.steps, self.amplitude = eps, step_size, steps, amplitude
-        self.surrogate_epochs = surrogate_epochs
+        self.surrogate_epochs, self.surrogate_adv_eps = surrogate_epochs, surrogate_adv_eps
+        self.surrogate_arch = surrogate_arch
         c, h, w = self.image_shape
         self.size = size or max(3, round(3 * min(h, w) / 32))
         m = 1 if min(h, w) >= self.size + 2 else 0
@@ -55,7 +57,8 @@ class LabelConsistent(Attack):
         return x + self.pattern.to(x.device)
 
     def fit(self, data, runtime):
-        self.surrogate = train_surrogate(data, runtime, epochs=self.surrogate_epochs)
+        self.surrogate = train_surrogate(data, runtime, arch=self.surrogate_arch, epochs=self.surrogate_epochs,
+                                         adv_eps=self.surrogate_adv_eps)
         return self
 
     def adversarial(self, x: torch.Tensor, y: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
@@ -63,16 +66,8 @@ class LabelConsistent(Attack):
         model = self.surrogate
         dev = next(model.parameters()).device
         g = torch.Generator().manual_seed(self.seed * 31 + 7)
-        out = []
-        for i in range(0, len(x), batch_size):
-            xb, yb = x[i:i + batch_size].to(dev), y[i:i + batch_size].to(dev)
-            delta = ((torch.rand(xb.shape, generator=g) * 2 - 1) * self.eps).to(dev)
-            for _ in range(self.steps):
-                delta.requires_grad_(True)
-                loss = F.cross_entropy(model((xb + delta).clamp(0, 1)), yb)
-                (grad,) = torch.autograd.grad(loss, delta)
-                delta = (delta.detach() + self.step_size * grad.sign()).clamp(-self.eps, self.eps)
-            out.append((xb + delta).clamp(0, 1).detach().cpu())
+        out = [pgd(model, x[i:i + batch_size].to(dev), y[i:i + batch_size].to(dev), self.eps, self.steps, g,
+                   self.step_size).cpu() for i in range(0, len(x), batch_size)]
         return torch.cat(out).to(x.device) if out else x
 
     def poison_train(self, images, labels, rate, rng):
@@ -92,4 +87,5 @@ class LabelConsistent(Attack):
 
     def params(self):
         return dict(super().params(), eps=self.eps, step_size=self.step_size, steps=self.steps,
-                    amplitude=self.amplitude, size=self.size, surrogate_epochs=self.surrogate_epochs)
+                    amplitude=self.amplitude, size=self.size, surrogate_epochs=self.surrogate_epochs,
+                    surrogate_adv_eps=self.surrogate_adv_eps, surrogate_arch=self.surrogate_arch)

@@ -148,8 +148,25 @@ def set_requires_grad(module: nn.Module, flag: bool) -> None:
 
 
 # -- a clean surrogate model (label-consistent PGD, low-frequency UAP, TrojanNN neuron selection) ---
-def train_surrogate(data, runtime, arch: str = "smallcnn", epochs: float = 2, width: int = 16, lr: float = 0.05):
-    """Train a small clean model on ``data.train`` through the shared engine; returned in eval mode."""
+def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int, g: torch.Generator | None = None,
+        step_size: float | None = None) -> torch.Tensor:
+    """Untargeted PGD-L_inf with a random start (Madry et al.): float images in [0, 1] -> adversarial
+    images within ``eps`` of x. Step 2.5 * eps / steps unless given. The model's mode is left alone."""
+    step_size = 2.5 * eps / max(1, steps) if step_size is None else step_size
+    delta = ((torch.rand(x.shape, generator=g) * 2 - 1) * eps).to(x.device)
+    for _ in range(steps):
+        delta.requires_grad_(True)
+        loss = F.cross_entropy(model((x + delta).clamp(0, 1)), y)
+        (grad,) = torch.autograd.grad(loss, delta)
+        delta = (delta.detach() + step_size * grad.sign()).clamp(-eps, eps)
+    return (x + delta).clamp(0, 1).detach()
+
+
+def train_surrogate(data, runtime, arch: str = "smallcnn", epochs: float = 2, width: int = 16, lr: float = 0.05,
+                    adv_eps: float = 0.0, adv_steps: int = 5):
+    """Train a small clean model on ``data.train`` through the shared engine; returned in eval mode.
+    ``adv_eps`` > 0 trains it adversarially (Madry et al.: every batch replaced by its PGD-L_inf
+    examples, ``adv_steps`` steps, against the model in eval mode), which makes a robust model."""
     from ..augment import train_transform
     from ..engine import steps_for, train
     from ..models import build_model
@@ -157,13 +174,22 @@ def train_surrogate(data, runtime, arch: str = "smallcnn", epochs: float = 2, wi
     model = build_model(arch, data.num_classes, data.input_shape[0], data.mean, data.std,
                         width=width).to(runtime.torch_device)
     aug, g = train_transform(data.augment), runtime.generator(404)
+    gp = torch.Generator().manual_seed(runtime.seed * 31 + 409)
     steps = steps_for(len(data.train), 128, epochs)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4, nesterov=True)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.25)
-    hooks = Hooks(transform=lambda x, y, s: (aug(x, g), y))
+
+    def transform(x, y, step):
+        x = aug(x, g)
+        if adv_eps > 0:
+            model.eval()
+            x = pgd(model, x, y, adv_eps, adv_steps, gp)
+            model.train()
+        return x, y
+
     train(model, data.train.x, data.train.y, opt, runtime.__class__(
         device=runtime.device, seed=runtime.seed, progress=False, rank=0, world_size=1),
-        steps, 128, sched, hooks, desc="surrogate", generator_offset=405)
+        steps, 128, sched, Hooks(transform=transform), desc="surrogate", generator_offset=405)
     return model.eval()
 
 

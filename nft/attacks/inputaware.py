@@ -78,8 +78,13 @@ class InputAware(OnTheFlyAttack):
         return x + (p - x) * m
 
     def negative(self, x, g):
-        perm = torch.randperm(len(x), generator=g).to(x.device)
-        x2 = x[perm]
+        """Cross samples: each image gets the pattern and mask of *another* image of the slice (a
+        random cyclic derangement; a plain permutation would hand some images their own trigger
+        under their true label)."""
+        perm = torch.randperm(len(x), generator=g)
+        src = torch.empty_like(perm)
+        src[perm] = perm.roll(1)
+        x2 = x[src.to(x.device)]
         with torch.no_grad():
             m = self.mask(x2)
         return x + (self.pattern(x2) - x) * m
