@@ -10,14 +10,16 @@ are not made on test data. ``--eval test`` reports on the test set instead (for 
 benchmarks/nft_table.py).
 """
 import argparse
+import copy
 import json
 import time
+from dataclasses import replace
 
 import torch
 
 from nft.evaluate import evaluate, poisoned_test_set
 from nft.io import load_model
-from nft.purify import purify, recipe
+from nft.purify import purify, recalibrate_bn, recipe, transfer_bn_delta
 from nft.runs import attack_from_run, clean_set, dataset_of
 from nft.data.core import ImageData, stratified_pick
 from nft.runtime import Runtime
@@ -43,6 +45,9 @@ def main():
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--curve", action="store_true", help="evaluate every eval_every steps")
     ap.add_argument("--eval", choices=("dev", "test"), default="dev")
+    ap.add_argument("--bn-variants", type=int, default=0, metavar="K",
+                    help="also report the purified model with BN statistics re-estimated from K plain clean "
+                         "batches ('replace') and moved by the masks' delta ('delta'), from the same run")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -71,6 +76,16 @@ def main():
             rec = {"run": run, "try": t, "per_class": a.per_class, "eval": a.eval, "eval_n": len(target), "before": before, "after": after,
                    "seconds": round(secs, 1), "masks_below_0.5": ex["masks_below_0.5"], "num_masks": ex["num_masks"],
                    "final_loss": hist[-1].get("loss") if hist else None}
+            if a.bn_variants:
+                for mode in ("replace", "delta"):
+                    vm = copy.deepcopy(pm)
+                    vcfg = replace(cfg, bn_recal=a.bn_variants, bn_recal_mode=mode)
+                    if mode == "delta":
+                        transfer_bn_delta(model, vm, clean, vcfg, rt)
+                    else:
+                        recalibrate_bn(vm, clean, vcfg, rt)
+                    vm.eval()
+                    rec[f"after_bn_{mode}"] = evaluate(vm, target, runtime=rt, poisoned=pois)
             if a.curve:
                 rec["curve"] = [(h["step"], round(h["acc"], 2), round(h["asr"], 2)) for h in hist if "asr" in h]
             print(json.dumps(rec), flush=True)
