@@ -40,6 +40,8 @@ class NFTConfig:
     adv_eps: float = 0.15  # L2 radius of that perturbation, as an RMS per pixel (radius = eps * sqrt(C*H*W))
     adv_step: float = 0.25  # ascent step, as a fraction of the radius (one normalised-gradient step per mask step)
     adv_until: float = 1.0  # fraction of the steps that use the perturbation; the rest only MixUp (recovery)
+    adv_after: float = 0.0  # during recovery, this fraction of a batch still carries the (frozen) perturbation:
+    # a relapse guard that holds closed what the perturbation closed (benchmarks/NOTES.md §5)
     kd: float = 0.0  # weight of KL(original || masked) on the clean (MixUp) images: the original model's full
     # output on interpolated clean images says more than ten hard labels, and it is clean there
     kd_temp: float = 2.0  # softmax temperature of that term (scaled by T^2)
@@ -99,6 +101,7 @@ def validate(cfg: NFTConfig) -> NFTConfig:
         (cfg.mixup_alpha >= 0, "mixup_alpha must be >= 0"),
         (0 <= cfg.patches <= 1 and 0 <= cfg.adv <= 1, "patches and adv must be in [0, 1]"),
         (cfg.adv_eps >= 0 and cfg.adv_step >= 0 and 0 <= cfg.adv_until <= 1, "adv_eps, adv_step >= 0, adv_until in [0, 1]"),
+        (0 <= cfg.adv_after <= 1, "adv_after must be in [0, 1]"),
         (cfg.schedule in ("seed", "cosine", "constant"), "schedule must be 'seed', 'cosine' or 'constant'"),
         (cfg.kd >= 0 and cfg.kd_temp > 0, "kd >= 0 and kd_temp > 0"),
         (cfg.bn_recal >= 0 and cfg.bn_recal_mode in ("replace", "delta"), "bn_recal >= 0, bn_recal_mode 'replace' or 'delta'"),
@@ -150,6 +153,9 @@ class UniversalPerturbation:
         model.train(was)
         d = d.detach() + self.step * grad / (grad.norm() + 1e-12)
         self.delta = d * min(1.0, self.radius / float(d.norm() + 1e-12))
+        return self.apply(x)
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
         return (x + self.delta).clamp(0, 1)
 
 
@@ -166,9 +172,10 @@ def make_transform(cfg: NFTConfig, clean: CleanSet, g: torch.Generator, model: n
         if cfg.patches > 0:
             x = A.random_patches(x, g, cfg.patches, *cfg.patch_size)
         xm, ym = A.mixup(x, y, clean.num_classes, cfg.mixup_alpha, g)
-        if adv is not None and step <= cfg.adv_until * cfg.steps:
-            k = max(1, round(cfg.adv * len(x)))
-            xa = adv.update(model, x[:k], y[:k])
+        searching = step <= cfg.adv_until * cfg.steps
+        if adv is not None and (searching or cfg.adv_after > 0):
+            k = max(1, round((cfg.adv if searching else cfg.adv_after) * len(x)))
+            xa = adv.update(model, x[:k], y[:k]) if searching else adv.apply(x[:k])
             xm = torch.cat([xm, xa])
             ym = torch.cat([ym, A.soft_targets(y[:k], clean.num_classes)])
         return xm, ym

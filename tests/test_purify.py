@@ -94,6 +94,28 @@ def test_bn_delta_transfer_keeps_own_statistics_when_nothing_changed(tiny):
     assert torch.allclose(bn0.running_var, net[1].running_var * 4, rtol=1e-3)
 
 
+def test_relapse_guard_keeps_the_frozen_perturbation_during_recovery():
+    from nft.purify import make_transform
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 3))
+    clean = CleanSet(torch.rand(12, 1, 8, 8), torch.arange(12) % 3, 3, augment="none")
+    cfg = recipe("default", steps=4, batch_size=8, adv=0.5, adv_until=0.5, adv_after=0.25)
+    t = make_transform(cfg, clean, torch.Generator().manual_seed(1), net)
+    sizes, deltas = [], []
+    for step in (1, 2, 3, 4):
+        xb, yb = t(clean.x[:8], clean.y[:8], step)
+        sizes.append(len(xb))
+        # the extra images are the clean ones plus the current delta, clamped to [0, 1]
+        extra = xb[8:]
+        deltas.append((extra - clean.x[: len(extra)]).clone())
+    assert sizes == [12, 12, 10, 10]  # 4 searched images, then 2 guard images
+    assert not torch.allclose(deltas[0], deltas[1][: len(deltas[0])])  # the search moves delta
+    assert torch.allclose(deltas[2], deltas[3])  # recovery: delta frozen
+    off = make_transform(recipe("default", steps=4, batch_size=8), clean, torch.Generator().manual_seed(1), net)
+    assert len(off(clean.x[:8], clean.y[:8], 3)[0]) == 8  # the default recipe's recovery is MixUp only
+
+
 class Bomb(torch.nn.Module):
     """Wraps a model; its forward returns NaN from the ``at``-th call on."""
 
