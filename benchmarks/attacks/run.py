@@ -101,7 +101,9 @@ NOTES = """Notes
   official 25 epochs (3125 steps of 64 pairs instead of 300) gave masks of the same size (1.27% of the
   pixels vs 1.3%; the per-pixel norm term keeps them small, as in the official loss) but more diverse
   ones (IoU between two images' masks 0.02 vs 0.06) and ASR 36.2 on seed 0 (row `inputaware (3125
-  mask steps)`), so `mask_steps` stays 300. Architecture, losses, lrs 0.01, mask density 0.032,
+  mask steps)`), so `mask_steps` stays 300. Feeding G and M 2x - 1 (the official code's MNIST
+  normalization, mean 0.5 / std 0.5, with M's image distances on that scale) gave 73.6 on seed 0; not
+  kept. Architecture, losses, lrs 0.01, mask density 0.032,
   lambda_div 1 and p_attack = p_cross = 0.1 follow the official config.
 - CLB's PGD (eps 64/255 on 1-channel images; the 0.1 row used 16/255) runs against a separately trained
   small-CNN surrogate by default.
