@@ -40,8 +40,9 @@ class NFTConfig:
     adv_eps: float = 0.15  # L2 radius of that perturbation, as an RMS per pixel (radius = eps * sqrt(C*H*W))
     adv_step: float = 0.25  # ascent step, as a fraction of the radius (one normalised-gradient step per mask step)
     adv_until: float = 1.0  # fraction of the steps that use the perturbation; the rest only MixUp (recovery)
-    adv_after: float = 0.0  # during recovery, this fraction of a batch still carries the (frozen) perturbation:
-    # a relapse guard that holds closed what the perturbation closed (benchmarks/NOTES.md §5)
+    adv_after: float = 0.0  # during recovery, this fraction of a batch still carries the perturbation (relapse
+    # guard, benchmarks/NOTES.md §5); adv_frozen: frozen where the search left it, else the search goes on
+    adv_frozen: bool = False
     kd: float = 0.0  # weight of KL(original || masked) on the clean (MixUp) images: the original model's full
     # output on interpolated clean images says more than ten hard labels, and it is clean there
     kd_temp: float = 2.0  # softmax temperature of that term (scaled by T^2)
@@ -175,7 +176,7 @@ def make_transform(cfg: NFTConfig, clean: CleanSet, g: torch.Generator, model: n
         searching = step <= cfg.adv_until * cfg.steps
         if adv is not None and (searching or cfg.adv_after > 0):
             k = max(1, round((cfg.adv if searching else cfg.adv_after) * len(x)))
-            xa = adv.update(model, x[:k], y[:k]) if searching else adv.apply(x[:k])
+            xa = adv.apply(x[:k]) if cfg.adv_frozen and not searching else adv.update(model, x[:k], y[:k])
             xm = torch.cat([xm, xa])
             ym = torch.cat([ym, A.soft_targets(y[:k], clean.num_classes)])
         return xm, ym

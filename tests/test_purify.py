@@ -1,5 +1,6 @@
 """End-to-end NFT on a tiny backdoored model, in seconds."""
 import copy
+from dataclasses import replace
 
 import pytest
 import torch
@@ -94,13 +95,13 @@ def test_bn_delta_transfer_keeps_own_statistics_when_nothing_changed(tiny):
     assert torch.allclose(bn0.running_var, net[1].running_var * 4, rtol=1e-3)
 
 
-def test_relapse_guard_keeps_the_frozen_perturbation_during_recovery():
+def test_relapse_guard_keeps_the_perturbation_during_recovery():
     from nft.purify import make_transform
 
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 3))
     clean = CleanSet(torch.rand(12, 1, 8, 8), torch.arange(12) % 3, 3, augment="none")
-    cfg = recipe("default", steps=4, batch_size=8, adv=0.5, adv_until=0.5, adv_after=0.25)
+    cfg = recipe("default", steps=4, batch_size=8, adv=0.5, adv_until=0.5, adv_after=0.25, adv_frozen=True)
     t = make_transform(cfg, clean, torch.Generator().manual_seed(1), net)
     sizes, deltas = [], []
     for step in (1, 2, 3, 4):
@@ -114,6 +115,9 @@ def test_relapse_guard_keeps_the_frozen_perturbation_during_recovery():
     assert torch.allclose(deltas[2], deltas[3])  # recovery: delta frozen
     off = make_transform(recipe("default", steps=4, batch_size=8), clean, torch.Generator().manual_seed(1), net)
     assert len(off(clean.x[:8], clean.y[:8], 3)[0]) == 8  # the default recipe's recovery is MixUp only
+    live = make_transform(replace(cfg, adv_frozen=False), clean, torch.Generator().manual_seed(1), net)
+    moved = [(live(clean.x[:8], clean.y[:8], s)[0][8:10] - clean.x[:2]).clone() for s in (1, 2, 3, 4)]
+    assert not torch.allclose(moved[2], moved[3])  # not frozen: the search goes on during recovery
 
 
 class Bomb(torch.nn.Module):
