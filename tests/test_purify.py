@@ -113,8 +113,10 @@ def test_relapse_guard_keeps_the_perturbation_during_recovery():
     assert sizes == [12, 12, 10, 10]  # 4 searched images, then 2 guard images
     assert not torch.allclose(deltas[0], deltas[1][: len(deltas[0])])  # the search moves delta
     assert torch.allclose(deltas[2], deltas[3])  # recovery: delta frozen
-    off = make_transform(recipe("default", steps=4, batch_size=8), clean, torch.Generator().manual_seed(1), net)
-    assert len(off(clean.x[:8], clean.y[:8], 3)[0]) == 8  # the default recipe's recovery is MixUp only
+    off = make_transform(recipe("default", steps=4, batch_size=8, adv_after=0.0), clean,
+                         torch.Generator().manual_seed(1), net)
+    assert len(off(clean.x[:8], clean.y[:8], 3)[0]) == 8  # without the guard, recovery is MixUp only
+    assert recipe("default").adv_after > 0 and recipe("paper").adv_after == 0
     live = make_transform(replace(cfg, adv_frozen=False), clean, torch.Generator().manual_seed(1), net)
     moved = [(live(clean.x[:8], clean.y[:8], s)[0][8:10] - clean.x[:2]).clone() for s in (1, 2, 3, 4)]
     assert not torch.allclose(moved[2], moved[3])  # not frozen: the search goes on during recovery
