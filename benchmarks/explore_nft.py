@@ -21,19 +21,13 @@ from nft.evaluate import evaluate, poisoned_test_set
 from nft.io import load_model
 from nft.purify import purify, recalibrate_bn, recipe, transfer_bn_delta
 from nft.runs import attack_from_run, clean_set, dataset_of
+from nft.commands.purify import parse_sets
 from nft.data.core import ImageData, stratified_pick
 from nft.runtime import Runtime
 
 
 def parse(s):
-    out = {}
-    for kv in filter(None, s.split(",")):
-        k, v = kv.split("=", 1)
-        try:
-            out[k] = json.loads(v)
-        except json.JSONDecodeError:
-            out[k] = v
-    return out
+    return parse_sets([kv for kv in s.split(",") if kv])
 
 
 def main():

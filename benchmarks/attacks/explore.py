@@ -17,16 +17,7 @@ import time
 
 import torch
 
-
-def parse_sets(items):
-    out = {}
-    for it in items or []:
-        k, _, v = it.partition("=")
-        try:
-            out[k] = json.loads(v)
-        except json.JSONDecodeError:
-            out[k] = v
-    return out
+from nft.commands.purify import parse_sets
 
 
 def main():
@@ -57,7 +48,7 @@ def main():
     if args.cmd == "train":
         rt = Runtime(device="cpu", seed=args.seed, threads=1, progress=False)
         attack = build_attack(args.attack, num_classes=data.num_classes, image_shape=data.input_shape, target=0,
-                              mode=args.mode, seed=args.seed, **parse_sets(args.set))
+                              mode=args.mode, seed=args.seed, **parse_sets(args.set or []))
         epochs = args.epochs or getattr(attack, "train_epochs", None) or TrainConfig.epochs
         cfg = TrainConfig(arch="preactresnet18", arch_kwargs={"width": 16}, epochs=epochs, poison_rate=args.rate)
         t0 = time.perf_counter()
@@ -73,7 +64,7 @@ def main():
     else:
         m = read_manifest(args.run)
         model, _ = load_model(args.run)
-        params = {**m["attack"]["params"], **parse_sets(args.set)}
+        params = {**m["attack"]["params"], **parse_sets(args.set or [])}
         attack = build_attack(m["attack"]["name"], **params)
         art = os.path.join(args.run, "attack.safetensors")
         if os.path.isfile(art):
