@@ -19,7 +19,7 @@ import torch
 
 from nft.evaluate import evaluate, poisoned_test_set
 from nft.io import load_model
-from nft.purify import purify, recalibrate_bn, recipe, transfer_bn_delta
+from nft.purify import purify, recipe, reestimate_bn
 from nft.runs import attack_from_run, clean_set, dataset_of
 from nft.commands.purify import parse_sets
 from nft.data.core import ImageData, stratified_pick
@@ -73,11 +73,7 @@ def main():
             if a.bn_variants:
                 for mode in ("replace", "delta"):
                     vm = copy.deepcopy(pm)
-                    vcfg = replace(cfg, bn_recal=a.bn_variants, bn_recal_mode=mode)
-                    if mode == "delta":
-                        transfer_bn_delta(model, vm, clean, vcfg, rt)
-                    else:
-                        recalibrate_bn(vm, clean, vcfg, rt)
+                    reestimate_bn(model, vm, clean, replace(cfg, bn_recal=a.bn_variants, bn_recal_mode=mode), rt)
                     vm.eval()
                     rec[f"after_bn_{mode}"] = evaluate(vm, target, runtime=rt, poisoned=pois)
             if a.curve:

@@ -212,7 +212,7 @@ def recalibrate_bn(model: nn.Module, clean: CleanSet, cfg: NFTConfig, runtime: R
     """Re-estimate BatchNorm running statistics as a plain average over ``cfg.bn_recal`` batches of
     clean images with the standard augmentation only. MixUp batches have less variance than real
     images, so statistics gathered during mask training are biased (benchmarks/NOTES.md §2)."""
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    bns = list(_tracking_bns(model).values())
     if not bns:
         return
     saved = [m.momentum for m in bns]
@@ -230,9 +230,13 @@ def recalibrate_bn(model: nn.Module, clean: CleanSet, cfg: NFTConfig, runtime: R
         m.momentum = mom
 
 
-def _bn_stats(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    return {n: (m.running_mean.clone(), m.running_var.clone()) for n, m in model.named_modules()
+def _tracking_bns(model: nn.Module) -> dict[str, nn.Module]:
+    return {n: m for n, m in model.named_modules()
             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats}
+
+
+def _bn_stats(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    return {n: (m.running_mean.clone(), m.running_var.clone()) for n, m in _tracking_bns(model).items()}
 
 
 @torch.no_grad()
@@ -246,11 +250,20 @@ def transfer_bn_delta(original: nn.Module, model: nn.Module, clean: CleanSet, cf
     recalibrate_bn(ref, clean, cfg, runtime)
     before = _bn_stats(ref)
     recalibrate_bn(model, clean, cfg, runtime)
-    for n, m in model.named_modules():
+    for n, m in _tracking_bns(model).items():
         if n in own:
             (mu, var), (mu0, var0) = own[n], before[n]
             m.running_mean.copy_(mu.to(m.running_mean) + m.running_mean - mu0)
             m.running_var.copy_(var.to(m.running_var) * (m.running_var + 1e-5) / (var0 + 1e-5))
+
+
+def reestimate_bn(original: nn.Module, model: nn.Module, clean: CleanSet, cfg: NFTConfig, runtime: Runtime) -> None:
+    """The final BN step of ``cfg``: re-estimate from ``cfg.bn_recal`` plain clean batches, or
+    (``bn_recal_mode='delta'``) move ``original``'s statistics by what the masks changed."""
+    if cfg.bn_recal_mode == "delta":
+        transfer_bn_delta(original, model, clean, cfg, runtime)
+    else:
+        recalibrate_bn(model, clean, cfg, runtime)
 
 
 def purify(model: nn.Module, clean: CleanSet, cfg: NFTConfig | None = None, runtime: Runtime | None = None,
@@ -311,10 +324,7 @@ def purify(model: nn.Module, clean: CleanSet, cfg: NFTConfig | None = None, runt
                 b.copy_(good[1][k])
         stopped = f"stopped early: {e}; kept the last good masks"
     if cfg.bn_recal > 0 and stopped is None:
-        if cfg.bn_recal_mode == "delta":
-            transfer_bn_delta(original, model, clean, cfg, runtime)
-        else:
-            recalibrate_bn(model, clean, cfg, runtime)
+        reestimate_bn(original, model, clean, cfg, runtime)
     model.eval()
     mask_state = masks.state_dict()
     extras = {"seconds": time.perf_counter() - t0, "mask_layout": masks.layout(), "num_masks": masks.numel,
