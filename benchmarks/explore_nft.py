@@ -4,10 +4,12 @@
         --try 'recipe=paper' --try 'recipe=default,steps=300' ...
 
 Each --try is comma-separated key=value NFTConfig overrides (values parsed as JSON).
-Evaluation is on the dev split by default: the defender's held-out pool minus the images picked as
-the clean set (never trained on, never seen by NFT, disjoint from the test set), so recipe choices
-are not made on test data. ``--eval test`` reports on the test set instead (for final tables use
-benchmarks/nft_table.py).
+Evaluation is on the dev half of the test set by default (benchmarks/halves.py): the other half is
+where benchmarks/nft_table.py judges the targets, so recipe choices are never scored on the images
+that judge them. ``--eval pool`` uses the defender's held-out pool minus the picked clean images
+(session 2's dev split: only 300 images at 50/class); ``--eval test`` the whole test set.
+``--runtime-seeds 0 1 2`` repeats every setting with those runtime seeds (same model, same clean
+images): one-shot outcomes swing with it as much as with the recipe.
 """
 import argparse
 import copy
@@ -19,15 +21,30 @@ import torch
 
 from nft.evaluate import evaluate, poisoned_test_set
 from nft.io import load_model
+from nft.masks import attach
 from nft.purify import purify, recipe, reestimate_bn
 from nft.runs import attack_from_run, clean_set, dataset_of
 from nft.commands.purify import parse_sets
 from nft.data.core import ImageData, stratified_pick
 from nft.runtime import Runtime
 
+from halves import halves
+
 
 def parse(s):
     return parse_sets([kv for kv in s.split(",") if kv])
+
+
+def reset_masks(original, ex, tau, clean, cfg, rt):
+    """The original model with NFT's masks, every mask above ``tau`` set back to 1, folded; BN moved
+    by the masks' delta."""
+    m = copy.deepcopy(original)
+    masks = attach(m, cfg.where)
+    state = {k: torch.where(v > tau, torch.ones_like(v), v) for k, v in ex["mask_state"].items()}
+    masks.load_state_dict(state)
+    masks.fold()
+    reestimate_bn(original, m, clean, replace(cfg, bn_recal=50, bn_recal_mode="delta"), rt)
+    return m.eval()
 
 
 def main():
@@ -38,10 +55,14 @@ def main():
     ap.add_argument("--clean-seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--curve", action="store_true", help="evaluate every eval_every steps")
-    ap.add_argument("--eval", choices=("dev", "test"), default="dev")
+    ap.add_argument("--eval", choices=("dev", "pool", "test"), default="dev")
+    ap.add_argument("--runtime-seeds", nargs="+", type=int, default=[0])
     ap.add_argument("--bn-variants", type=int, default=0, metavar="K",
                     help="also report the purified model with BN statistics re-estimated from K plain clean "
                          "batches ('replace') and moved by the masks' delta ('delta'), from the same run")
+    ap.add_argument("--reset-variants", nargs="*", type=float, default=[], metavar="TAU",
+                    help="also report the purified masks with every mask above TAU set back to 1 (only the "
+                         "channels NFT closed stay closed), BN moved by the masks' delta from 50 batches")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -52,6 +73,8 @@ def main():
         attack = attack_from_run(run, man)
         clean = clean_set(data.heldout, data.num_classes, data.augment, per_class=a.per_class, seed=a.clean_seed)
         if a.eval == "dev":
+            target = halves(data.test, data.num_classes)[0]
+        elif a.eval == "pool":
             keep = torch.ones(len(data.heldout), dtype=torch.bool)
             keep[stratified_pick(data.heldout.y, data.num_classes, a.per_class, None, a.clean_seed)] = False
             target = ImageData(data.heldout.x[keep], data.heldout.y[keep])
@@ -59,7 +82,8 @@ def main():
             target = data.test
         pois = poisoned_test_set(target, attack)
         before = evaluate(model, target, runtime=rt, poisoned=pois)
-        for t in a.tries:
+        for t, rs in [(t, rs) for t in a.tries for rs in a.runtime_seeds]:
+            rt = Runtime(device="cpu", seed=rs, progress=False)
             over = parse(t)
             cfg = recipe(over.pop("recipe", "default"), **over)
             mon = (lambda m: evaluate(m, target, runtime=rt, poisoned=pois)) if a.curve else None
@@ -67,7 +91,7 @@ def main():
             pm, masks, hist, ex = purify(model, clean, cfg, rt, mon)
             secs = time.perf_counter() - t0
             after = evaluate(pm, target, runtime=rt, poisoned=pois)
-            rec = {"run": run, "try": t, "per_class": a.per_class, "eval": a.eval, "eval_n": len(target), "before": before, "after": after,
+            rec = {"run": run, "try": t, "runtime_seed": rs, "per_class": a.per_class, "eval": a.eval, "eval_n": len(target), "before": before, "after": after,
                    "seconds": round(secs, 1), "masks_below_0.5": ex["masks_below_0.5"], "num_masks": ex["num_masks"],
                    "final_loss": hist[-1].get("loss") if hist else None}
             if a.bn_variants:
@@ -76,6 +100,9 @@ def main():
                     reestimate_bn(model, vm, clean, replace(cfg, bn_recal=a.bn_variants, bn_recal_mode=mode), rt)
                     vm.eval()
                     rec[f"after_bn_{mode}"] = evaluate(vm, target, runtime=rt, poisoned=pois)
+            for tau in a.reset_variants:
+                rec[f"after_reset_{tau:g}"] = evaluate(reset_masks(model, ex, tau, clean, cfg, rt), target, runtime=rt,
+                                                       poisoned=pois)
             if a.curve:
                 rec["curve"] = [(h["step"], round(h["acc"], 2), round(h["asr"], 2)) for h in hist if "asr" in h]
             print(json.dumps(rec), flush=True)

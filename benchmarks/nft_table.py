@@ -26,6 +26,8 @@ from nft.purify import NFTConfig, purify, recipe
 from nft.runs import attack_from_run, clean_set, dataset_of
 from nft.runtime import Runtime
 
+from halves import halves
+
 HEADER = """# NFT recipes on mnist10k (issue 2 targets)
 
 PreActResNet-18 width 16, 10% poison, target 0, models `/work/cache/models/{attack}-w16-s{seed}` made by
@@ -77,6 +79,9 @@ def run_cells(a):
             attack = attack_from_run(run, man)
             pois = poisoned_test_set(data.test, attack)
             before = evaluate(model, data.test, runtime=rt, poisoned=pois)
+            report = halves(data.test, data.num_classes)[1]
+            report_pois = poisoned_test_set(report, attack)
+            before_report = evaluate(model, report, runtime=rt, poisoned=report_pois)
             for pc, rc in todo:
                 clean = clean_set(data.heldout, data.num_classes, data.augment, per_class=pc, seed=seed)
                 rt = Runtime(device="cpu", seed=seed, progress=False)
@@ -85,7 +90,8 @@ def run_cells(a):
                 secs = time.perf_counter() - t0
                 after = evaluate(pm, data.test, runtime=rt, poisoned=pois)
                 rec = {"attack": attack_name, "seed": seed, "per_class": pc, "recipe": rc, "before": before,
-                       "after": after, "seconds": secs, "config": ex["config"], "run": run}
+                       "after": after, "before_report": before_report,
+                       "after_report": evaluate(pm, report, runtime=rt, poisoned=report_pois), "seconds": secs, "config": ex["config"], "run": run}
                 with open(a.records, "a") as f:
                     f.write(json.dumps(rec) + "\n")
                     f.flush()
@@ -97,8 +103,9 @@ def run_cells(a):
 def table(a):
     recs = [r for r in (json.loads(line) for line in open(a.records) if line.strip()) if current(r)]
     lines = [
-        "| attack | clean/class | recipe | seeds | ACC before | ACC after (per seed) | ACC drop | ASR before | ASR after (per seed) | target (ASR, drop) | met | seconds/run |",
-        "|---|---:|---|---|---:|---|---:|---:|---|---|---|---:|",
+        "| attack | clean/class | recipe | seeds | judged on | ACC before | ACC after (per seed) | ACC drop | ASR before | "
+        "ASR after (per seed) | target (ASR, drop) | met | full test: drop / ASR | seconds/run |",
+        "|---|---:|---|---|---|---:|---|---:|---:|---|---|---|---|---:|",
     ]
     for attack_name in a.attacks:
         for pc in a.per_class:
@@ -108,18 +115,23 @@ def table(a):
                 if not rs:
                     continue
                 m = lambda xs: statistics.mean(xs)  # noqa: E731
-                acc_b, acc_a = m([r["before"]["acc"] for r in rs]), m([r["after"]["acc"] for r in rs])
-                asr_b, asr_a = m([r["before"]["asr"] for r in rs]), m([r["after"]["asr"] for r in rs])
+                half = all("after_report" in r for r in rs)  # judged on the report half (benchmarks/halves.py)
+                b, af = ("before_report", "after_report") if half else ("before", "after")
+                acc_b, acc_a = m([r[b]["acc"] for r in rs]), m([r[af]["acc"] for r in rs])
+                asr_b, asr_a = m([r[b]["asr"] for r in rs]), m([r[af]["asr"] for r in rs])
                 drop = acc_b - acc_a
+                full = (f"{m([r['before']['acc'] - r['after']['acc'] for r in rs]):.2f} / "
+                        f"{m([r['after']['asr'] for r in rs]):.2f}")
                 t_asr, t_drop = TARGETS.get(pc, (None, None))
                 met = "yes" if t_asr is not None and asr_a <= t_asr and drop <= t_drop else "**no**"
-                accs = ", ".join(f"{r['after']['acc']:.2f}" for r in rs)
-                asrs = ", ".join(f"{r['after']['asr']:.2f}" for r in rs)
+                accs = ", ".join(f"{r[af]['acc']:.2f}" for r in rs)
+                asrs = ", ".join(f"{r[af]['asr']:.2f}" for r in rs)
                 seeds = ",".join(str(r["seed"]) for r in rs)
                 secs = m([r["seconds"] for r in rs])
                 lines.append(
-                    f"| {attack_name} | {pc} | {rc} | {seeds} | {acc_b:.2f} | {acc_a:.2f} ({accs}) | {drop:.2f} | "
-                    f"{asr_b:.2f} | {asr_a:.2f} ({asrs}) | <= {t_asr}, <= {t_drop} | {met} | {secs:.0f} |")
+                    f"| {attack_name} | {pc} | {rc} | {seeds} | {'report half' if half else 'full test'} | {acc_b:.2f} | "
+                    f"{acc_a:.2f} ({accs}) | {drop:.2f} | {asr_b:.2f} | {asr_a:.2f} ({asrs}) | <= {t_asr}, <= {t_drop} | "
+                    f"{met} | {full} | {secs:.0f} |")
     return "\n".join(lines)
 
 
