@@ -40,6 +40,11 @@ The `paper` cells and Blend seed 2 / the one-shot Blend seeds 1-2 ran in session
 Rows that are missing have not been run yet. Only records made with the recipe as defined now are
 counted (earlier ones stay in the .jsonl as history).
 
+Since session 3 the targets are judged on the **report half** of the test set (1,002 images,
+benchmarks/halves.py): recipe settings are compared on the other (dev) half only, so the half that
+judges them never took part in choosing them. Records from before that split have only whole-test
+numbers; their rows say "full test". The "full test" column gives every row on all 2,000 images.
+
 """
 
 DEFAULTS = json.loads(json.dumps(asdict(NFTConfig())))

@@ -145,6 +145,15 @@ class Masks:
         for s in self.sites:
             s.mask.fill_(value)
 
+    @torch.no_grad()
+    def reset_above_(self, tau: float) -> int:
+        """Set every mask above ``tau`` back to 1; returns how many stay below (the closed channels)."""
+        kept = 0
+        for s in self.sites:
+            s.mask.masked_fill_(s.mask > tau, 1.0)
+            kept += int((s.mask < 1.0).sum())
+        return kept
+
     # -- persistence ------------------------------------------------------------------------
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {s.name: s.mask.detach().cpu().clone() for s in self.sites}

@@ -103,6 +103,15 @@ def test_l1_to_one():
     assert float(masks.l1_to_one()) == pytest.approx(1.5)
 
 
+def test_reset_above_keeps_only_closed_channels():
+    masks = attach(build_model("smallcnn", 10, 1), "norm")
+    with torch.no_grad():
+        masks.sites[0].mask[:4] = torch.tensor([0.1, 0.5, 0.85, 0.95])
+    assert masks.reset_above_(0.9) == 3
+    assert masks.sites[0].mask[:5].tolist() == pytest.approx([0.1, 0.5, 0.85, 1.0, 1.0])
+    assert float(masks.l1_to_one()) == pytest.approx(0.9 + 0.5 + 0.15)
+
+
 def test_save_load_roundtrip(tmp_path):
     model = build_model("preactresnet18", 10, 3, width=8)
     masks = attach(model, "auto")

@@ -10,7 +10,7 @@ from nft.attacks import build_attack
 from nft.data import CleanSet, load_dataset
 from nft.errors import NFTError
 from nft.evaluate import evaluate
-from nft.purify import RECIPES, NFTConfig, purify, recipe
+from nft.purify import RECIPES, NFTConfig, UniversalPerturbation, make_transform, purify, recipe
 from nft.trainer import TrainConfig, train_model
 
 
@@ -61,6 +61,21 @@ def test_purify_end_to_end(tiny):
     assert after["acc"] > before["acc"] - 15  # 40 steps must not wreck the model
 
 
+@pytest.mark.parametrize("upto", [100, 10, 9])
+def test_mask_reset_keeps_only_closed_channels_on_small_clean_sets(tiny, upto):
+    rt, data, attack, model, clean = tiny  # 10 images per class
+    cfg = recipe("default", steps=30, batch_size=64, lr=0.5, bn_recal=2, bn_recal_mode="delta", mask_reset=0.5,
+                 mask_reset_upto=upto)
+    _, _, _, extras = purify(model, clean, cfg, rt)
+    values = torch.cat([v.flatten() for v in extras["mask_state"].values()])
+    assert extras["masks_reset"] == (upto != 9)
+    moved = values[values < 1.0]
+    if extras["masks_reset"]:
+        assert len(moved) > 0 and moved.max() <= 0.5  # a mask is either closed or back at 1
+    else:
+        assert ((moved > 0.5) & (moved < 1.0)).any()  # not reset: small moves stay
+
+
 def test_bn_delta_transfer_keeps_own_statistics_when_nothing_changed(tiny):
     rt, data, attack, model, clean = tiny
     from nft.purify import transfer_bn_delta
@@ -96,8 +111,6 @@ def test_bn_delta_transfer_keeps_own_statistics_when_nothing_changed(tiny):
 
 
 def test_relapse_guard_keeps_the_perturbation_during_recovery():
-    from nft.purify import make_transform
-
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 3))
     clean = CleanSet(torch.rand(12, 1, 8, 8), torch.arange(12) % 3, 3, augment="none")
@@ -120,6 +133,25 @@ def test_relapse_guard_keeps_the_perturbation_during_recovery():
     live = make_transform(replace(cfg, adv_frozen=False), clean, torch.Generator().manual_seed(1), net)
     moved = [(live(clean.x[:8], clean.y[:8], s)[0][8:10] - clean.x[:2]).clone() for s in (1, 2, 3, 4)]
     assert not torch.allclose(moved[2], moved[3])  # not frozen: the search goes on during recovery
+
+
+def test_free_ascent_is_the_same_search_step():
+    """adv_free takes the perturbation's step from the training backward: on a model without BN (train
+    and eval mode agree) and a loss on the perturbed images only, it is exactly the separate search step."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 3))
+    x, y = torch.rand(6, 1, 8, 8), torch.arange(6) % 3
+    a, b = (UniversalPerturbation((1, 8, 8), 0.15, 0.25, "cpu", torch.Generator().manual_seed(3)) for _ in range(2))
+    assert torch.equal(a.delta, b.delta)
+    a.update(net, x, y)
+    torch.nn.functional.cross_entropy(net(b.attach(x)), y).backward()
+    b.ascend()
+    assert not torch.equal(b.delta, UniversalPerturbation((1, 8, 8), 0.15, 0.25, "cpu",
+                                                          torch.Generator().manual_seed(3)).delta)
+    assert torch.allclose(a.delta, b.delta, atol=1e-6)
+    assert float(b.delta.norm()) <= b.radius * (1 + 1e-5)
+    b.ascend()  # no pending gradient: nothing moves
+    assert torch.allclose(a.delta, b.delta, atol=1e-6)
 
 
 class Bomb(torch.nn.Module):
@@ -147,7 +179,8 @@ def test_nonfinite_loss_keeps_last_good_masks(tiny):
 
 
 @pytest.mark.parametrize("bad", [{"steps": 0}, {"lr": -1}, {"momentum": 1.5}, {"adv": 2}, {"where": "x"},
-                                 {"schedule": "nope"}, {"batch_size": 0}])
+                                 {"schedule": "nope"}, {"batch_size": 0},
+                                 {"mask_reset": 2, "bn_recal": 50}, {"mask_reset": 0.9, "bn_recal": 0}])
 def test_invalid_settings_are_refused(bad):
     with pytest.raises(NFTError, match="invalid NFT setting"):
         recipe("default", **bad)
