@@ -12,6 +12,10 @@ in the records are skipped. `--table-only` rewrites results.md from the records.
 
     python benchmarks/defenses/run.py                      # all cells, then results.md
     python benchmarks/defenses/run.py --table-only
+    python benchmarks/defenses/run.py --grid benchmarks/results/mnist10k --out benchmarks/defenses/grid.md
+
+``--grid DIR`` writes the same table from the records of an `nft bench` results directory instead
+(its models, clean sets and seeds; cells run by the bench, one process per cell).
 
 Models: PreActResNet-18 width 16, 10% poison, target 0, made by the lead with
     nft train --dataset mnist10k --model preactresnet18 --width 16 --attack ATTACK --poison-rate 0.1 --seed SEED
@@ -117,12 +121,29 @@ def verdict(asr, drop):
     return "removed" if not fails else "**fails**: " + ", ".join(fails)
 
 
+def grid_records(results: str, per_class: int) -> list[dict]:
+    """`nft bench` records of one results directory, in this driver's record shape."""
+    out = []
+    for name in sorted(os.listdir(os.path.join(results, "records"))):
+        r = json.load(open(os.path.join(results, "records", name)))
+        if r.get("defense") in (None, "none") or r.get("clean_per_class") != per_class:
+            continue
+        d = r["defense"].replace("nft_", "nft:") if r["defense"].startswith("nft_") else r["defense"]
+        out.append({"attack": r["attack"], "seed": r["seed"], "defense": d, "before": r["before"],
+                    "after": {k: r[k] for k in ("acc", "asr", "ra")}, "seconds": r["seconds"],
+                    "peak_mb": r["peak_mb"]})
+    return out
+
+
 def write_table(a):
-    recs = [r for r in load_records(a.records) if "after" in r]
-    errs = [r for r in load_records(a.records) if "error" in r]
+    recs = grid_records(a.grid, a.per_class) if a.grid else [r for r in load_records(a.records) if "after" in r]
+    errs = [] if a.grid else [r for r in load_records(a.records) if "error" in r]
     m = statistics.mean
-    lines = ["# Baseline defenses beside NFT: mnist10k, PreActResNet-18 (width 16), 10% poison, target 0",
-             "",
+    intro = [f"Cells from the `nft bench` records in `{a.grid}` (its README has the commands): models trained "
+             f"by the bench, 50 clean images per class from the held-out pool, ACC on the 2,000 test images, ASR/RA "
+             f"on the 1,800 triggered non-target ones. Seconds and peak memory are the bench's per cell, on a "
+             f"2-core machine running 2-3 cells at once: compare them within this table only. Written by "
+             f"`python benchmarks/defenses/run.py --grid {a.grid} --out {os.path.relpath(a.out)}`.", ""] if a.grid else [
              f"50 clean images per class (500, from the held-out pool), CPU, 1 thread. Each number is the mean over "
              f"the seeds listed (model seed s, clean-set pick s, defense seed s); per-seed values in records.jsonl. "
              f"ACC on the 10k test set; ASR/RA on the 9k triggered non-target test images. Seconds and peak memory "
@@ -133,6 +154,8 @@ def write_table(a):
              "--per-class 50 --seed {seed} --clean-seed {seed} --threads 1 --no-progress --device cpu --out DIR`; "
              "driver: `python benchmarks/defenses/run.py` (resumable; `--table-only` rewrites this file).",
              ""]
+    lines = ["# Baseline defenses beside NFT: mnist10k, PreActResNet-18 (width 16), 10% poison, target 0",
+             "", *intro]
     for attack_name in a.attacks:
         lines += [f"## {attack_name}", "",
                   "| defense | seeds | ACC | ASR | RA | ACC drop | seconds | peak MB | verdict |",
@@ -175,8 +198,9 @@ def main():
     ap.add_argument("--per-class", type=int, default=50)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--table-only", action="store_true")
+    ap.add_argument("--grid", help="write the table from this `nft bench` results directory's records")
     a = ap.parse_args()
-    if not a.table_only:
+    if not a.table_only and not a.grid:
         os.makedirs(a.work, exist_ok=True)
         run_cells(a)
     write_table(a)
