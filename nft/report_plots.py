@@ -84,7 +84,8 @@ def purification(sec: Section, path: str) -> str | None:
     for r in sec.records:
         if r["defense"] != NO_DEFENSE and r.get("clean_per_class") == sec.main_size and r.get("history"):
             for h in r["history"]:
-                curves[(r["attack"], r["defense"])][h["step"]].append((h.get("acc"), h.get("asr")))
+                if "step" in h and "acc" in h:  # evaluation points on a step axis (I-BAU/AWM count rounds)
+                    curves[(r["attack"], r["defense"])][h["step"]].append((h.get("acc"), h.get("asr")))
     if not curves:
         return None
     attacks = [a for a in sec.attacks if any(k[0] == a for k in curves)]

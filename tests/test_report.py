@@ -114,6 +114,8 @@ def test_report_files_from_hand_made_records(tmp_path):
     for r in records():
         if r["defense"] != NO_DEFENSE:
             r["history"] = [{"step": s, "acc": 90 + s / 10, "asr": 100 - s} for s in (0, 50, 100)]
+            # round-based defenses (I-BAU, AWM) log evaluations per round and loss-only steps: not plotted
+            r["history"] += [{"round": 0, "acc": 50.0, "asr": 50.0}, {"phase": "inner", "step": 10, "loss": 1.0}]
         write_record(root, r)
     paths = build_report(root, tsne_samples=0)
     md = open(paths["markdown"]).read()
