@@ -36,7 +36,7 @@ Clean images from the held-out pool (never trained on), picked per seed. Means o
 per-seed values in brackets; records in `nft_table.jsonl`. Made by
 `python benchmarks/nft_table.py --threads 1` (resumable; `--table-only` rewrites this file). Seconds
 are wall-clock on a 2-core machine shared with other jobs (load 2-11), comparable only roughly.
-The `paper` cells and Blend seed 2 / the one-shot Blend seeds 1-2 ran in session 2 (load 3-4).
+The `paper` cells ran in session 2 (load 3-4), the `default` cells in session 3 (two at a time, load 2).
 Rows that are missing have not been run yet. Only records made with the recipe as defined now are
 counted (earlier ones stay in the .jsonl as history).
 
