@@ -6,7 +6,7 @@ import html
 import os
 
 from .io import atomic_write_text
-from .report import Section, detail_table, efficiency_table, settings_md, table1
+from .report import Section, claims_table, detail_table, efficiency_table, settings_md, table1
 
 CSS = """body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}
 table{border-collapse:collapse;margin:.5em 0 1.5em;font-size:13px}
@@ -18,10 +18,17 @@ figure{margin:1em 0}figcaption{font-size:12px;color:#555}code{font-size:12px}"""
 
 def table_html(t, bold_last: bool = False) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in t.header)
-    rows = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in t.rows)
+    rows = "".join("<tr>" + "".join(f"<td>{_cell(c)}</td>" for c in r) + "</tr>" for r in t.rows)
     style = ' class="t1"' if bold_last else ""
     note = f'<p class="note">{html.escape(t.note)}</p>' if t.note else ""
     return f"<h3>{html.escape(t.title)}</h3><table{style}><tr>{head}</tr>{rows}</table>{note}"
+
+
+def _cell(text: str) -> str:
+    """A table cell; Markdown **bold** (a verdict that is not met) becomes <b>."""
+    if len(text) > 4 and text.startswith("**") and text.endswith("**"):
+        return f"<b>{html.escape(text[2:-2])}</b>"
+    return html.escape(text)
 
 
 def _img(path: str) -> str:
@@ -37,6 +44,9 @@ def write_html(path: str, secs: list[Section], figures: dict, results: str) -> s
     for sec in secs:
         settings = "".join(f"<li>{html.escape(line[2:])}</li>" for line in settings_md(sec).splitlines() if line)
         parts.append(f"<h2>{html.escape(sec.name)}</h2><ul>{settings}</ul>")
+        claims = claims_table(sec)
+        if claims:
+            parts.append(table_html(claims))
         parts.append(table_html(table1(sec), bold_last=True))
         parts.append(table_html(detail_table(sec)))
         parts.append(table_html(efficiency_table(sec)))

@@ -163,3 +163,28 @@ def test_report_of_a_real_bench_grid_with_tsne(tmp_path, capsys):
     _check_pngs([os.path.join(out, "report", f) for f in figs if f.endswith(".png")])
     md = open(os.path.join(out, "report", "report.md")).read()
     assert "± " in md and "| Benign |" in md and "| badnets |" in md
+
+
+def test_claims_table_checks_targets_and_pairs_cells():
+    """NFT default against the targets and a baseline, on hand-made records: only cells both have count."""
+    from nft.report import claims_table
+
+    recs = [r for r in records() if r["defense"] == NO_DEFENSE and r["attack"] != BENIGN]
+    # nft:default: a1 ASR 1/ACC 90 (seed 0), 3/91 (seed 1); a2 ASR 0/ACC 93 (seed 0 only); 1/class a1 ASR 9
+    recs += [rec("a1", "nft:default", 0, 90, 1, seconds=20.0), rec("a1", "nft:default", 1, 91, 3, seconds=30.0),
+             rec("a2", "nft:default", 0, 93, 0, seconds=40.0), rec("a1", "nft:default", 0, 87, 9, n=1)]
+    # ibau on a1 seed 0 only: ASR 10, ACC 80, 10 s
+    recs += [rec("a1", "ibau", 0, 80, 10, seconds=10.0)]
+    t = claims_table(sections(recs)[0])
+    rows = {r[0]: r[1:] for r in t.rows}
+    # average ASR: a1 mean(1, 3) = 2, a2 0 -> 1.0; ACC drop: a1 mean(90-90, 92-91) = 0.5, a2 94-93 = 1 -> 0.75
+    assert rows["50/class: average ASR <= 2"] == ["1.00", "met", "2/2"]
+    assert rows["50/class: average ACC drop <= 1"] == ["0.75", "met", "2/2"]
+    # one-shot: a1 only, ASR 9 > 5 -> not met, said plainly
+    assert rows["1/class: average ASR <= 5"] == ["9.00", "**not met**", "1/2"]
+    # against I-BAU only on (a1, seed 0): ASR drop 100-1 vs 100-10; ACC drop 0 vs 10; 20 s vs 10 s
+    assert rows["ASR drop larger than IBAU's"] == ["99.00 vs 90.00", "met", "1/2"]
+    assert rows["ACC drop smaller than IBAU's"] == ["0.00 vs 10.00", "met", "1/2"]
+    assert rows["less time than IBAU"] == ["20.0 s vs 10.0 s", "**not met**", "1/2"]
+    # no NFT default in the records: no claims table
+    assert claims_table(sections([r for r in recs if r["defense"] != "nft:default"])[0]) is None
