@@ -91,8 +91,26 @@ def _executor(tasks: list[tuple], jobs: int, ray_address: str | None, opts: RunO
             futures = [pool.submit(fn, *args) for fn, *args in tasks]
             for f in as_completed(futures):
                 yield f.result()
+        except BaseException:  # Ctrl-C, SIGTERM, a failed result, a caller that stops early
+            _stop_workers(pool)
+            raise
         finally:
             pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _stop_workers(pool) -> None:
+    """Terminate the pool's running cells: otherwise the interpreter waits for them at exit, and an
+    interrupted bench hangs until its current cell (ANP: many minutes) finishes. The cells they were
+    running leave no record (records are written atomically) and run again on resume."""
+    stop = getattr(pool, "terminate_workers", None)  # Python >= 3.14
+    if stop is not None:
+        stop()
+        return
+    for p in list((getattr(pool, "_processes", None) or {}).values()):
+        if p.is_alive():
+            p.terminate()
+    for p in list((getattr(pool, "_processes", None) or {}).values()):
+        p.join(5)
 
 
 def _ray(tasks, address: str, jobs: int, opts: RunOptions):

@@ -200,3 +200,24 @@ def test_torn_and_temporary_records_are_ignored(grid, tmp_path):
     ids = [r["cell_id"] for r in load_records(root, warn=False)]
     assert len(ids) == 11 and "extra" in ids and "torn" not in ids
     assert digest({"a": 1, "b": 2}) == digest({"b": 2, "a": 1})
+
+
+def test_interrupted_pool_stops_its_running_cells():
+    """Ctrl-C/SIGTERM during a cell: the worker processes are terminated, not waited for (an
+    interrupted bench used to hang until its current cell finished)."""
+    import multiprocessing as mp
+    import threading
+
+    from nft.grid import _executor
+
+    gen = _executor([(time.sleep, 60), (time.sleep, 60)], 2, None, RunOptions(threads=1))
+    timer = threading.Timer(3.0, os.kill, (os.getpid(), signal.SIGINT))
+    timer.start()
+    t0 = time.time()
+    with pytest.raises(KeyboardInterrupt):
+        next(gen)
+    deadline = time.time() + 10
+    while time.time() < deadline and any(p.is_alive() for p in mp.active_children()):
+        time.sleep(0.1)
+    assert not [p for p in mp.active_children() if p.is_alive()]
+    assert time.time() - t0 < 30
