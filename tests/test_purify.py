@@ -61,14 +61,16 @@ def test_purify_end_to_end(tiny):
     assert after["acc"] > before["acc"] - 15  # 40 steps must not wreck the model
 
 
-@pytest.mark.parametrize("upto", [100, 10, 9])
+@pytest.mark.parametrize("upto", [100, 10, 9, None])
 def test_mask_reset_keeps_only_closed_channels_on_small_clean_sets(tiny, upto):
+    """One-shot mode: the mask reset (and any other override) applies only up to ``oneshot_upto``."""
     rt, data, attack, model, clean = tiny  # 10 images per class
-    cfg = recipe("default", steps=30, batch_size=64, lr=0.5, bn_recal=2, bn_recal_mode="delta", mask_reset=0.5,
-                 mask_reset_upto=upto)
+    cfg = recipe("default", steps=30, batch_size=64, lr=0.5, bn_recal=2, bn_recal_mode="delta", mask_reset=0.0,
+                 oneshot_upto=upto, oneshot={"mask_reset": 0.5, "adv_after": 0.25})
     _, _, _, extras = purify(model, clean, cfg, rt)
+    assert extras["config"]["adv_after"] == (0.25 if upto not in (9, None) else cfg.adv_after)
     values = torch.cat([v.flatten() for v in extras["mask_state"].values()])
-    assert extras["masks_reset"] == (upto != 9)
+    assert extras["masks_reset"] == (upto not in (9, None))
     moved = values[values < 1.0]
     if extras["masks_reset"]:
         assert len(moved) > 0 and moved.max() <= 0.5  # a mask is either closed or back at 1
@@ -180,7 +182,9 @@ def test_nonfinite_loss_keeps_last_good_masks(tiny):
 
 @pytest.mark.parametrize("bad", [{"steps": 0}, {"lr": -1}, {"momentum": 1.5}, {"adv": 2}, {"where": "x"},
                                  {"schedule": "nope"}, {"batch_size": 0},
-                                 {"mask_reset": 2, "bn_recal": 50}, {"mask_reset": 0.9, "bn_recal": 0}])
+                                 {"mask_reset": 2, "bn_recal": 50}, {"mask_reset": 0.9, "bn_recal": 0},
+                                 {"oneshot": {"steps": 0}}, {"oneshot": {"nope": 1}}, {"oneshot": {"oneshot_upto": 2}},
+                                 {"oneshot": 3}, {"bn_recal": 0}])
 def test_invalid_settings_are_refused(bad):
     with pytest.raises(NFTError, match="invalid NFT setting"):
         recipe("default", **bad)

@@ -38,13 +38,14 @@ class LabelConsistent(Attack):
 
     def __init__(self, eps: float | None = None, step_size: float | None = None, steps: int = 40,
                  amplitude: float = 1.0, size: int | None = None, surrogate_epochs: float = 2,
-                 surrogate_adv_eps: float = 0.0, surrogate_arch: str = "smallcnn", **kw):
+                 surrogate_adv_eps: float = 0.0, surrogate_arch: str = "smallcnn", interp: float = 0.0, **kw):
         super().__init__(**kw)
         eps = eps if eps is not None else (16 / 255 if self.image_shape[0] >= 3 else 64 / 255)
         step_size = step_size if step_size is not None else 2.5 * eps / max(1, steps)
         self.eps, self.step_size, self.steps, self.amplitude = eps, step_size, steps, amplitude
         self.surrogate_epochs, self.surrogate_adv_eps = surrogate_epochs, surrogate_adv_eps
         self.surrogate_arch = surrogate_arch
+        self.interp = interp
         c, h, w = self.image_shape
         self.size = size or max(3, round(3 * min(h, w) / 32))
         m = 1 if min(h, w) >= self.size + 2 else 0
@@ -74,6 +75,14 @@ class LabelConsistent(Attack):
                    self.step_size).cpu() for i in range(0, len(x), batch_size)]
         return torch.cat(out).to(x.device) if out else x
 
+    def interpolate(self, x: torch.Tensor, others: torch.Tensor, rng: torch.Generator) -> torch.Tensor:
+        """Pixel-space stand-in for the paper's GAN latent interpolation: each image moves a fraction
+        ``interp`` of the way towards a random image of another class, (1 - t) x + t x_other."""
+        if not len(others):
+            return x
+        pick = torch.randint(0, len(others), (len(x),), generator=rng)
+        return (1 - self.interp) * x + self.interp * others[pick].to(x.device)
+
     def poison_train(self, images, labels, rate, rng):
         idx = self.poison_index(labels, rate, rng)
         images = images.clone()
@@ -81,6 +90,8 @@ class LabelConsistent(Attack):
             from ..data.core import to_float, to_uint8
 
             x = to_float(images[idx])
+            if self.interp > 0:
+                x = self.interpolate(x, to_float(images[labels != self.target]), rng)
             if self.surrogate is not None and self.eps > 0:
                 x = self.adversarial(x, labels[idx])
             else:
@@ -92,4 +103,5 @@ class LabelConsistent(Attack):
     def params(self):
         return dict(super().params(), eps=self.eps, step_size=self.step_size, steps=self.steps,
                     amplitude=self.amplitude, size=self.size, surrogate_epochs=self.surrogate_epochs,
-                    surrogate_adv_eps=self.surrogate_adv_eps, surrogate_arch=self.surrogate_arch)
+                    surrogate_adv_eps=self.surrogate_adv_eps, surrogate_arch=self.surrogate_arch,
+                    interp=self.interp)
