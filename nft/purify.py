@@ -139,7 +139,7 @@ def validate(cfg: NFTConfig) -> NFTConfig:
         try:
             validate(replace(cfg, oneshot={}, **cfg.oneshot))
         except NFTError as e:
-            raise NFTError(f"{e} (in one-shot mode, with oneshot={cfg.oneshot}; set oneshot_upto=null to turn "
+            raise NFTError(f"{e} (in one-shot mode, with oneshot={cfg.oneshot}; set oneshot={{}} to turn "
                            "it off)") from None
     return cfg
 
