@@ -22,7 +22,7 @@ from nft.evaluate import evaluate, poisoned_test_set
 from nft.io import load_model
 from dataclasses import asdict
 
-from nft.purify import NFTConfig, purify, recipe
+from nft.purify import NFTConfig, for_clean_set, purify, recipe
 from nft.runs import attack_from_run, clean_set, dataset_of
 from nft.runtime import Runtime
 
@@ -36,7 +36,7 @@ Clean images from the held-out pool (never trained on), picked per seed. Means o
 per-seed values in brackets; records in `nft_table.jsonl`. Made by
 `python benchmarks/nft_table.py --threads 1` (resumable; `--table-only` rewrites this file). Seconds
 are wall-clock on a 2-core machine shared with other jobs (load 2-11), comparable only roughly.
-The `paper` cells ran in session 2 (load 3-4), the `default` cells in session 3 (two at a time, load 2).
+The `paper` cells ran in session 2 (load 3-4), the `default` cells in session 4 (beside 2-3 other jobs, load about 3).
 Rows that are missing have not been run yet. Only records made with the recipe as defined now are
 counted (earlier ones stay in the .jsonl as history).
 
@@ -53,7 +53,8 @@ DEFAULTS = json.loads(json.dumps(asdict(NFTConfig())))
 def current(rec: dict) -> bool:
     """Was this record made with the recipe as it is defined now? Settings added to NFTConfig after
     the record was written count as unchanged when the recipe leaves them at their default."""
-    now, then = json.loads(json.dumps(asdict(recipe(rec["recipe"])))), rec.get("config", {})
+    now = json.loads(json.dumps(asdict(for_clean_set(recipe(rec["recipe"]), rec["per_class"]))))
+    then = rec.get("config", {})
     skip = {"log_every", "eval_every"}
     return all(then.get(k, DEFAULTS[k]) == v for k, v in now.items() if k not in skip)
 
