@@ -341,3 +341,13 @@ def test_inputaware_cross_samples_never_get_their_own_trigger():
         del a.pattern
     src = [int(((x - z).flatten(1).abs().sum(1) == 0).nonzero()) for z in seen[0]]
     assert sorted(src) == list(range(7)) and all(s != i for i, s in enumerate(src))
+
+
+def test_clb_foreground_only_pgd_leaves_the_background_alone():
+    a = build_attack("clb", num_classes=C, image_shape=SHAPES[0], foreground_only=True, eps=0.3, **FAST["clb"])
+    a.fit(fake_data(SHAPES[0]), rt())
+    x = torch.rand(6, *SHAPES[0])
+    x[:, :, : x.shape[2] // 2] = 0  # a black half
+    xa = a.adversarial(x, torch.zeros(6, dtype=torch.long))
+    assert (xa[:, :, : x.shape[2] // 2] == 0).all()
+    assert (xa - x).abs().max() <= 0.3 + 1e-6 and (xa - x).abs().max() > 0
