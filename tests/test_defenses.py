@@ -253,9 +253,77 @@ def test_rnp_unlearning_lowers_clean_accuracy_before_recovery(trained, rt):
     assert ex["unlearn_train_acc"][0] > 0.9 and ex["unlearn_train_acc"][-1] <= 0.3  # stops at the threshold
     assert ex["clean_acc_unlearned"] < ex["clean_acc_before"] - 0.5
     assert ex["clean_acc_recovered"] > ex["clean_acc_unlearned"]
+    # only neurons with mask <= threshold are pruned, lowest masks first, and the clean accuracy cap holds
     mods = dict(out.model.named_modules())
-    for name, m in ex["mask_state"].items():
-        assert torch.all(mods[name].weight[m <= 0.2] == 0)
+    orig = dict(model.named_modules())
+    zeroed = {(n, i) for n in ex["mask_state"] for i in range(mods[n].weight.numel())
+              if mods[n].weight.view(-1)[i] == 0 and orig[n].weight.view(-1)[i] != 0}
+    assert len(zeroed) == ex["pruned"]
+    values = [float(ex["mask_state"][n].view(-1)[i]) for n, i in zeroed]
+    assert all(v <= 0.2 for v in values)
+    kept = [float(m.view(-1)[i]) for n, m in ex["mask_state"].items() for i in range(m.numel()) if (n, i) not in zeroed]
+    assert not values or max(values) <= min(kept)
+    assert ex["clean_acc_pruned"] >= ex["clean_acc_floor"] == pytest.approx(0.9 * ex["clean_acc_before"])
+
+
+def quadrant_clean(per_class, seed):
+    x, y = quadrant_data(per_class, seed)
+    return CleanSet(x, y, C, "none")
+
+
+def test_rnp_pruning_keeps_clean_accuracy_at_or_above_the_cap(trained, rt):
+    """Random masks that would prune most of the model: the selection stops where clean accuracy
+    would fall below acc_ratio x the accuracy before pruning, and picks the largest such count."""
+    from nft.defenses.common import clean_accuracy
+    from nft.defenses.rnp import RNPConfig, first_k, neuron_order, select_pruning
+
+    model, clean = trained
+    g = torch.Generator().manual_seed(0)
+    state = {n: torch.rand(m.weight.shape, generator=g) for n, m in model.named_modules()
+             if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+    n = sum(m.numel() for m in state.values())
+    before = clean_accuracy(model, clean, rt)
+    for ratio in (0.9, 0.99):
+        cfg = RNPConfig(threshold=1.0, acc_ratio=ratio, prune_step=1 / n)
+        k, sweep, order, below = select_pruning(model, state, clean, cfg, rt, before)
+        assert below == n and [s["pruned"] for s in sweep] == list(range(n + 1))
+        assert 0 <= k < n  # pruning every neuron destroys the model, so the cap must bind
+        pruned = copy.deepcopy(model)
+        prune_neurons(pruned, first_k(state, order, k), 0.5)
+        assert clean_accuracy(pruned, clean, rt) >= ratio * before
+        assert all(s["clean_acc"] < ratio * before for s in sweep if s["pruned"] > k)  # the largest that passes
+    # with no cap, the threshold rule alone decides (the old fixed-threshold behaviour)
+    k, _, _, below = select_pruning(model, state, clean, RNPConfig(threshold=0.3, acc_ratio=0.0), rt, before)
+    assert k == below == sum(int((m <= 0.3).sum()) for m in state.values())
+    # and max_prune_ratio caps the count
+    k, _, _, _ = select_pruning(model, state, clean, RNPConfig(threshold=1.0, acc_ratio=0.0, max_prune_ratio=0.25),
+                                rt, before)
+    assert k == int(0.25 * n)
+
+
+def test_rnp_stops_unlearning_at_the_first_batch_below_the_threshold(trained, rt):
+    """stop_check="batch" ends the ascent at the first step whose running epoch accuracy is
+    <= clean_threshold; the official "epoch" check runs whole epochs on the same batches."""
+    from nft.defenses.rnp import RNPConfig, unlearn
+
+    model, _ = trained
+    clean = quadrant_clean(20, seed=3)  # 80 images, batch 8: 10 steps per epoch
+    per_epoch = 10
+    runs = {}
+    for check in ("batch", "epoch"):
+        work = copy.deepcopy(model)
+        cfg = RNPConfig(unlearn_lr=0.05, batch_size=8, clean_threshold=0.3, stop_check=check, min_stop_batches=2)
+        _, trace, batch_acc = unlearn(work, clean, cfg, rt)
+        runs[check] = (trace, batch_acc)
+    trace, acc = runs["epoch"]
+    assert len(acc) == per_epoch * len(trace) and trace[-1] <= 0.3
+    trace_b, acc_b = runs["batch"]
+    assert acc_b == acc[:len(acc_b)]  # the same ascent up to the stop
+    epoch, done = divmod(len(acc_b) - 1, per_epoch)
+    running = [sum(acc_b[epoch * per_epoch:epoch * per_epoch + j + 1]) / (j + 1) for j in range(done + 1)]
+    assert running[-1] <= 0.3 and all(r > 0.3 for r in running[1:-1])  # first check after 2 batches
+    assert len(acc_b) < len(acc)  # stopped inside an epoch the official check runs to its end
+    assert trace_b[-1] == pytest.approx(running[-1])
 
 
 def test_ftsam_steps_with_the_gradient_at_the_perturbed_weights(trained):
