@@ -377,7 +377,8 @@ def settings_md(sec: Section) -> str:
     r = next((r for r in sec.records if r["defense"] == NO_DEFENSE), sec.records[0])
     m = r["config"]["model"]
     defs = {}
-    for rec in sec.records:
+    main_first = sorted(sec.records, key=lambda rec: rec.get("clean_per_class") != sec.main_size)
+    for rec in main_first:  # the settings shown are those of the main table's clean-set size
         if rec["defense"] != NO_DEFENSE and rec["defense"] not in defs:
             defs[rec["defense"]] = rec.get("defense_config") or {}
     versions = sorted({rec.get("code_version", "?") for rec in sec.records})
@@ -401,17 +402,24 @@ def settings_md(sec: Section) -> str:
 
 
 def mixed_settings(records: list[dict], defense: str) -> str:
-    """'' when every cell of ``defense`` ran with the same resolved settings, else what differs."""
-    cfgs = [(r["cell_id"], r.get("defense_config") or {}) for r in records if r["defense"] == defense]
-    keys = sorted({k for _, c in cfgs for k in c})
-    differ = [k for k in keys if len({json.dumps(c.get(k), sort_keys=True) for _, c in cfgs}) > 1]
+    """'' when every cell of ``defense`` ran with the same resolved settings, else what differs.
+
+    Cells are compared within one clean-set size: a recipe may resolve differently by size (NFT's
+    one-shot mode), and that is the recipe, not a change between runs."""
+    by_size = defaultdict(list)
+    for r in records:
+        if r["defense"] == defense:
+            by_size[r.get("clean_per_class")].append((r["cell_id"], r.get("defense_config") or {}))
     parts = []
-    for k in differ:
-        seen = defaultdict(list)
-        for cid, c in cfgs:
-            seen[json.dumps(c.get(k))].append(cid)
-        parts.append(f"{k}: " + "; ".join(f"{v} in {len(ids)} cell(s)" + (f" ({ids[0]})" if len(ids) == 1 else "")
-                                           for v, ids in seen.items()))
+    for size, cfgs in sorted(by_size.items(), key=lambda kv: str(kv[0])):
+        keys = sorted({k for _, c in cfgs for k in c})
+        for k in [k for k in keys if len({json.dumps(c.get(k), sort_keys=True) for _, c in cfgs}) > 1]:
+            seen = defaultdict(list)
+            for cid, c in cfgs:
+                seen[json.dumps(c.get(k))].append(cid)
+            where = f" ({size}/class)" if len(by_size) > 1 else ""
+            parts.append(f"{k}{where}: " + "; ".join(
+                f"{v} in {len(ids)} cell(s)" + (f" ({ids[0]})" if len(ids) == 1 else "") for v, ids in seen.items()))
     return ", ".join(parts)
 
 

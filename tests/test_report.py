@@ -105,8 +105,20 @@ def test_mixed_defense_settings_are_flagged():
         r["defense_config"] = {"steps": 400, "lr": 0.05}
     assert mixed_settings(recs, "d1") == ""
     recs[6]["defense_config"] = {"steps": 1000, "lr": 0.05}
-    assert mixed_settings(recs, "d1").startswith("steps: 1000 in 1 cell(s) (a1-d1-50-0); 400 in")
+    assert mixed_settings(recs, "d1").startswith("steps (50/class): 1000 in 1 cell(s) (a1-d1-50-0); 400 in")
     assert "**warning**: D1 ran with different settings" in settings_md(sections(recs)[0])
+
+
+def test_settings_that_differ_only_by_clean_set_size_are_not_flagged():
+    """A recipe may resolve by clean-set size (NFT's one-shot mode): that is not a change between runs."""
+    from nft.report import mixed_settings
+
+    recs = records()  # d1 ran at 50 and at 5 images per class
+    for r in recs:
+        r["defense_config"] = {"adv_after": 0.125 if r["clean_per_class"] == 5 else 0.0625}
+    assert mixed_settings(recs, "d1") == ""
+    recs[6]["defense_config"] = {"adv_after": 0.5}  # a 50/class cell that really differs
+    assert mixed_settings(recs, "d1") == "adv_after (50/class): 0.5 in 1 cell(s) (a1-d1-50-0); 0.0625 in 5 cell(s)"
 
 
 def test_report_files_from_hand_made_records(tmp_path):
