@@ -149,28 +149,50 @@ def _setting(r: dict) -> tuple:
 
 
 def sections(records: list[dict], size: int | None = None) -> list[Section]:
-    """One section per (dataset, model, its kwargs, training setting); a setting shows in the name
-    only where one model was benchmarked under several (e.g. two poison rates)."""
-    by = defaultdict(list)
+    """One section per (dataset, model, its kwargs), like the paper's Table 1, whose attacks may each
+    have their own training setting (SIG and CLB poison at a lower rate; the settings list says so).
+    Only where one *attack* was benchmarked under several settings (e.g. two poison rates) is the
+    section split per setting, with the setting that differs in its name."""
+    by_base = defaultdict(list)
     for r in records:
         kw = ", ".join(f"{k}={v}" for k, v in sorted((r.get("model_kwargs") or {}).items()))
-        by[(f"{r['dataset']} · {r['model']}" + (f" ({kw})" if kw else ""), _setting(r))].append(r)
-    settings = defaultdict(set)
-    for base, setting in by:
-        settings[base].add(setting)
+        by_base[f"{r['dataset']} · {r['model']}" + (f" ({kw})" if kw else "")].append(r)
     out = []
-    for (base, setting), recs in sorted(by.items(), key=lambda kv: str(kv[0])):
-        name = base
-        if len(settings[base]) > 1:
-            differ = [k for i, (k, v) in enumerate(setting) if len({st[i][1] for st in settings[base]}) > 1]
-            name += " [" + ", ".join(f"{k}={dict(setting)[k]}" for k in differ) + "]"
-        s = Section(name, recs)
-        s.attacks = sorted({r["attack"] for r in recs}, key=lambda a: (a != BENIGN, a))
-        s.defenses = sorted({r["defense"] for r in recs}, key=_defense_order)
-        s.sizes = sorted({r["clean_per_class"] for r in recs if r["defense"] != NO_DEFENSE})
-        s.main_size = size if size in s.sizes else (max(s.sizes) if s.sizes else None)
-        out.append(s)
+    for base, recs in sorted(by_base.items()):
+        per_attack = defaultdict(set)
+        for r in recs:
+            per_attack[r["attack"]].add(_setting(r))
+        if all(len(v) == 1 for v in per_attack.values()):
+            groups = [(base, recs)]
+        else:
+            by = defaultdict(list)
+            for r in recs:
+                by[_setting(r)].append(r)
+            groups = []
+            for setting, rs in sorted(by.items(), key=lambda kv: str(kv[0])):
+                differ = [k for i, (k, v) in enumerate(setting) if len({st[i][1] for st in by}) > 1]
+                groups.append((base + " [" + ", ".join(f"{k}={dict(setting)[k]}" for k in differ) + "]", rs))
+        for name, rs in groups:
+            s = Section(name, rs)
+            s.attacks = sorted({r["attack"] for r in rs}, key=lambda a: (a != BENIGN, a))
+            s.defenses = sorted({r["defense"] for r in rs}, key=_defense_order)
+            s.sizes = sorted({r["clean_per_class"] for r in rs if r["defense"] != NO_DEFENSE})
+            s.main_size = size if size in s.sizes else (max(s.sizes) if s.sizes else None)
+            out.append(s)
     return out
+
+
+def attack_settings(sec: Section) -> tuple[dict, dict[str, dict]]:
+    """(the training setting most attacks share, {attack: the keys where its own differs})."""
+    per_attack = {}
+    for r in sec.records:
+        per_attack.setdefault(r["attack"], dict(_setting(r)))
+    common = {}
+    for k in SETTING_KEYS:
+        values = [json.dumps(st.get(k)) for st in per_attack.values()]
+        common[k] = json.loads(max(set(values), key=lambda v: (values.count(v), v)))
+    own = {a: {k: v for k, v in st.items() if v != common[k]} for a, st in per_attack.items()}
+    return common, {a: d for a, d in sorted(own.items()) if d and a != BENIGN}
 
 
 def table1(sec: Section) -> Table:
@@ -375,7 +397,8 @@ def _num(v) -> str:
 def settings_md(sec: Section) -> str:
     """What a reader needs to compare this table with others (peers.md §3's comparability list)."""
     r = next((r for r in sec.records if r["defense"] == NO_DEFENSE), sec.records[0])
-    m = r["config"]["model"]
+    common, own = attack_settings(sec)
+    m = {**r["config"]["model"], **common}
     defs = {}
     main_first = sorted(sec.records, key=lambda rec: rec.get("clean_per_class") != sec.main_size)
     for rec in main_first:  # the settings shown are those of the main table's clean-set size
@@ -386,7 +409,9 @@ def settings_md(sec: Section) -> str:
              + (f" (train subset {m['subset_train']})" if m.get("subset_train") else "")
              + (f" (test subset {m['subset_test']})" if m.get("subset_test") else ""),
              f"- poisoning: rate {m['poison_rate']}, target {m['target']}, {m['label_mode']}; training "
-             f"{m['epochs']} epochs, batch {m['batch_size']}, lr {m['lr']}",
+             f"{m['epochs']} epochs, batch {m['batch_size']}, lr {m['lr']}"
+             + ("".join(f"; **{attack_label(a)}**: " + ", ".join(f"{k} {v}" for k, v in d.items())
+                        for a, d in own.items())),
              f"- clean data for defenses: {', '.join(map(str, sec.sizes))} images per class "
              f"(main table: {sec.main_size}), drawn from the defender's held-out pool (disjoint from training)",
              "- ASR counts only test images whose label the backdoor changes (non-target images for all-to-one)",

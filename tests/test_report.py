@@ -97,6 +97,21 @@ def test_sections_split_by_training_setting():
     assert [s.name for s in sections(records())] == ["toy · m"]
 
 
+def test_an_attack_with_its_own_training_setting_stays_in_the_table():
+    """Like the paper's Table 1: SIG/CLB poison at their own rate, in the same table, and the settings say so."""
+    from nft.report import settings_md
+
+    recs = records()
+    for r in recs:
+        if r["attack"] == "a2":
+            r["config"] = dict(r["config"], model=dict(r["config"]["model"], poison_rate=0.08, epochs=3))
+    secs = sections(recs)
+    assert [s.name for s in secs] == ["toy · m"] and secs[0].attacks == [BENIGN, "a1", "a2"]
+    md = settings_md(secs[0])
+    assert "- poisoning: rate 0.1, target 0, all2one; training 1 epochs" in md
+    assert "; **a2**: poison_rate 0.08, epochs 3" in md
+
+
 def test_mixed_defense_settings_are_flagged():
     from nft.report import mixed_settings, settings_md
 
