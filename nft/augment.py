@@ -40,6 +40,29 @@ def mixup(x: torch.Tensor, y: torch.Tensor, num_classes: int, alpha: float = 1.0
     return lam * x + (1 - lam) * x[perm], lam * ys + (1 - lam) * ys[perm]
 
 
+def cutmix(x: torch.Tensor, y: torch.Tensor, num_classes: int, alpha: float = 1.0, g: torch.Generator | None = None):
+    """CutMix (Yun et al. 2019): one lam ~ Beta(alpha, alpha) per batch and a random pairing; a box
+    of area (1 - lam) H W at a uniform random centre (clipped at the border) is pasted from the
+    paired image. Labels mix by the area actually pasted: y = a * onehot(y) + (1 - a) * onehot(y[perm]).
+    """
+    if alpha <= 0:
+        return x, soft_targets(y, num_classes)
+    gen_device = g.device if g is not None else "cpu"
+    lam = _beta(alpha, g)
+    perm = torch.randperm(len(x), generator=g, device=gen_device).to(x.device)
+    H, W = x.shape[-2:]
+    r = math.sqrt(1.0 - lam)
+    bh, bw = int(round(H * r)), int(round(W * r))
+    cy, cx = (int(torch.randint(0, n, (), generator=g, device=gen_device)) for n in (H, W))
+    y0, y1 = max(0, cy - bh // 2), min(H, cy - bh // 2 + bh)
+    x0, x1 = max(0, cx - bw // 2), min(W, cx - bw // 2 + bw)
+    out = x.clone()
+    out[..., y0:y1, x0:x1] = x[perm][..., y0:y1, x0:x1]
+    a = 1.0 - (y1 - y0) * (x1 - x0) / (H * W)
+    ys = soft_targets(y, num_classes)
+    return out, a * ys + (1 - a) * ys[perm]
+
+
 def _beta(alpha: float, g: torch.Generator | None) -> float:
     """lam ~ Beta(alpha, alpha), drawn from ``g`` (Beta = Ga / (Ga + Gb))."""
     dev = g.device if g is not None else "cpu"

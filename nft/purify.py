@@ -34,6 +34,8 @@ class NFTConfig:
     l1: float = 1e-3  # weight of ||1 - m||_1
     l1_per_class: bool = True  # divide the L1 weight by N_c (clean samples per class), as the seed does
     mixup_alpha: float = 1.0  # MixUp Beta(a, a); 1 = uniform lam
+    cutmix: float = 0.0  # probability per batch of CutMix (a pasted box, same Beta) instead of MixUp
+    hold_below: float = 0.0  # from the end of the search (adv_until) on, masks <= this stay where they are
     patches: float = 0.0  # probability per image of a random noise patch (0 = off; see augment.random_patches)
     patch_size: tuple = (0.07, 0.25)  # patch side as a fraction of the image side (min, max)
     adv: float = 0.0  # extra images per batch (fraction of it) carrying a universal adversarial perturbation
@@ -120,6 +122,8 @@ def validate(cfg: NFTConfig) -> NFTConfig:
         (0 <= cfg.momentum < 1, "momentum must be in [0, 1)"),
         (cfg.l1 >= 0, "l1 must be >= 0"),
         (cfg.mixup_alpha >= 0, "mixup_alpha must be >= 0"),
+        (0 <= cfg.cutmix <= 1, "cutmix must be in [0, 1]"),
+        (0 <= cfg.hold_below <= 1, "hold_below must be in [0, 1]"),
         (0 <= cfg.patches <= 1 and 0 <= cfg.adv <= 1, "patches and adv must be in [0, 1]"),
         (cfg.adv_eps >= 0 and cfg.adv_step >= 0 and 0 <= cfg.adv_until <= 1, "adv_eps, adv_step >= 0, adv_until in [0, 1]"),
         (0 <= cfg.adv_after <= 1, "adv_after must be in [0, 1]"),
@@ -224,7 +228,9 @@ def make_transform(cfg: NFTConfig, clean: CleanSet, g: torch.Generator, model: n
         x = base(x, g)
         if cfg.patches > 0:
             x = A.random_patches(x, g, cfg.patches, *cfg.patch_size)
-        xm, ym = A.mixup(x, y, clean.num_classes, cfg.mixup_alpha, g)
+        mix = A.cutmix if cfg.cutmix > 0 and float(torch.rand((), generator=g, device=g.device)) < cfg.cutmix \
+            else A.mixup
+        xm, ym = mix(x, y, clean.num_classes, cfg.mixup_alpha, g)
         searching = step <= cfg.adv_until * cfg.steps
         if adv is not None and (searching or cfg.adv_after > 0):
             k = max(1, round((cfg.adv if searching else cfg.adv_after) * len(x)))
@@ -348,11 +354,20 @@ def purify(model: nn.Module, clean: CleanSet, cfg: NFTConfig | None = None, runt
 
     transform = make_transform(cfg, clean, runtime.generator(303, device=runtime.device), model)
 
+    held = None  # (which entries, their values) per site, once the search has ended (hold_below)
+    hold_from = max(1, round(cfg.adv_until * cfg.steps)) if cfg.hold_below > 0 else None
+
     def after_step(step, info):
-        nonlocal good, pending
+        nonlocal good, pending, held
         if pending is not None:
             good = pending
         masks.clip_(lower)
+        if hold_from is not None and step >= hold_from:
+            with torch.no_grad():
+                if held is None:
+                    held = [((s.mask <= cfg.hold_below).clone(), s.mask.detach().clone()) for s in masks.sites]
+                for s, (which, value) in zip(masks.sites, held):
+                    s.mask[which] = value[which]
         if transform.adv is not None:
             transform.adv.ascend()
         pending = snapshot()

@@ -23,6 +23,24 @@ def test_mixup_convex_and_targets_sum_to_one():
     assert 0 <= float(lam) <= 1
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_cutmix_labels_follow_the_pasted_area(seed):
+    """Each image i is constant i, so every pixel says where it came from: the label weight on the
+    partner's class is exactly the fraction of the partner's pixels, and the rest is untouched."""
+    n, H, W = 10, 9, 7
+    x = torch.arange(n, dtype=torch.float32).view(n, 1, 1, 1).expand(n, 2, H, W).clone()
+    y = torch.arange(n)
+    xm, ym = A.cutmix(x, y, n, 1.0, g(seed))
+    torch.testing.assert_close(ym.sum(1), torch.ones(n))
+    for i in range(n):
+        src = xm[i].round().long().unique()
+        assert len(src) <= 2 and i in src.tolist() or len(src) == 1
+        share = {int(c): float((xm[i] == c).float().mean()) for c in src}
+        for c, frac in share.items():
+            assert float(ym[i, c]) == pytest.approx(frac, abs=1e-6)
+    assert torch.equal(A.cutmix(x, y, n, 1.0, g(seed))[0], xm)  # deterministic given the generator
+
+
 def test_mixup_deterministic_given_generator():
     x = torch.rand(8, 3, 4, 4, generator=g())
     y = torch.arange(8) % 3

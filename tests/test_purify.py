@@ -184,7 +184,7 @@ def test_nonfinite_loss_keeps_last_good_masks(tiny):
                                  {"schedule": "nope"}, {"batch_size": 0},
                                  {"mask_reset": 2, "bn_recal": 50}, {"mask_reset": 0.9, "bn_recal": 0},
                                  {"oneshot": {"steps": 0}}, {"oneshot": {"nope": 1}}, {"oneshot": {"oneshot_upto": 2}},
-                                 {"oneshot": 3}, {"bn_recal": 0}])
+                                 {"oneshot": 3}, {"bn_recal": 0}, {"cutmix": 1.5}, {"cutmix": -0.1}])
 def test_invalid_settings_are_refused(bad):
     with pytest.raises(NFTError, match="invalid NFT setting"):
         recipe("default", **bad)
