@@ -78,6 +78,25 @@ def test_mask_reset_keeps_only_closed_channels_on_small_clean_sets(tiny, upto):
         assert ((moved > 0.5) & (moved < 1.0)).any()  # not reset: small moves stay
 
 
+def test_hold_below_keeps_closed_masks_closed_after_the_search(tiny):
+    rt, data, attack, model, clean = tiny
+    seen = {}
+
+    def monitor(m):  # the masks are the only trainable tensors of the model being purified
+        seen[len(seen)] = [p.detach().clone() for p in m.parameters() if p.requires_grad]
+        return {}
+
+    cfg = recipe("default", steps=30, batch_size=64, lr=0.5, adv_until=1 / 3, hold_below=0.7, eval_every=10,
+                 oneshot={})
+    purify(model, clean, cfg, rt, monitor=monitor)
+    at_end_of_search, last = seen[1], seen[3]  # steps 10 (the search ends) and 30; 0 is before training
+    held = [m <= 0.7 for m in at_end_of_search]
+    assert sum(int(h.sum()) for h in held) > 0
+    for a, b, h in zip(at_end_of_search, last, held):
+        assert torch.equal(a[h], b[h])
+    assert any(not torch.equal(a[~h], b[~h]) for a, b, h in zip(at_end_of_search, last, held))
+
+
 def test_bn_delta_transfer_keeps_own_statistics_when_nothing_changed(tiny):
     rt, data, attack, model, clean = tiny
     from nft.purify import transfer_bn_delta
