@@ -36,6 +36,8 @@ class NFTConfig:
     mixup_alpha: float = 1.0  # MixUp Beta(a, a); 1 = uniform lam
     cutmix: float = 0.0  # probability per batch of CutMix (a pasted box, same Beta) instead of MixUp
     hold_below: float = 0.0  # from the end of the search (adv_until) on, masks <= this stay where they are
+    adv_mode: str = "universal"  # 'universal': one delta for all images; 'image': a PGD delta per image
+    adv_image_steps: int = 3  # adv_mode 'image': PGD steps per batch (L2 ball of adv_eps, random start)
     patches: float = 0.0  # probability per image of a random noise patch (0 = off; see augment.random_patches)
     patch_size: tuple = (0.07, 0.25)  # patch side as a fraction of the image side (min, max)
     adv: float = 0.0  # extra images per batch (fraction of it) carrying a universal adversarial perturbation
@@ -124,6 +126,10 @@ def validate(cfg: NFTConfig) -> NFTConfig:
         (cfg.mixup_alpha >= 0, "mixup_alpha must be >= 0"),
         (0 <= cfg.cutmix <= 1, "cutmix must be in [0, 1]"),
         (0 <= cfg.hold_below <= 1, "hold_below must be in [0, 1]"),
+        (cfg.adv_mode in ("universal", "image"), "adv_mode must be 'universal' or 'image'"),
+        (cfg.adv_mode == "universal" or not (cfg.adv_free or cfg.adv_frozen),
+         "adv_free and adv_frozen need adv_mode='universal'"),
+        (cfg.adv_image_steps >= 1, "adv_image_steps must be >= 1"),
         (0 <= cfg.patches <= 1 and 0 <= cfg.adv <= 1, "patches and adv must be in [0, 1]"),
         (cfg.adv_eps >= 0 and cfg.adv_step >= 0 and 0 <= cfg.adv_until <= 1, "adv_eps, adv_step >= 0, adv_until in [0, 1]"),
         (0 <= cfg.adv_after <= 1, "adv_after must be in [0, 1]"),
@@ -216,12 +222,45 @@ class UniversalPerturbation:
         self.delta = d * min(1.0, self.radius / float(d.norm() + 1e-12))
 
 
+class ImagePerturbation:
+    """A fresh perturbation per image and batch: ``steps`` of L2 PGD from a random start in the ball
+    of radius ``eps_rms * sqrt(C*H*W)``, up the clean loss of the current masked model. Unlike the
+    universal delta it can follow a trigger that differs from image to image (ISSBA, input-aware)."""
+
+    def __init__(self, shape, eps_rms: float, steps: int, device, g: torch.Generator):
+        self.radius = eps_rms * math.sqrt(math.prod(shape))
+        self.steps, self.g, self.device = steps, g, device
+
+    def _project(self, d: torch.Tensor) -> torch.Tensor:
+        n = d.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *[1] * (d.dim() - 1))
+        return d * (self.radius / n).clamp(max=1.0)
+
+    def update(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        d = torch.randn(x.shape, generator=self.g, device=self.g.device).to(x.device)
+        d = self._project(d * (0.5 * self.radius / d.flatten(1).norm(dim=1).view(-1, *[1] * (x.dim() - 1))))
+        was = model.training
+        model.eval()  # no BN statistics from the search batches
+        for _ in range(self.steps):
+            d.requires_grad_(True)
+            loss = nn.functional.cross_entropy(model((x + d).clamp(0, 1)), y)
+            (grad,) = torch.autograd.grad(loss, d)
+            gn = grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *[1] * (x.dim() - 1))
+            d = self._project(d.detach() + (2.5 * self.radius / self.steps) * grad / gn)
+        model.train(was)
+        return (x + d).clamp(0, 1)
+
+    def ascend(self) -> None:  # nothing carries over between batches
+        return None
+
+
 def make_transform(cfg: NFTConfig, clean: CleanSet, g: torch.Generator, model: nn.Module | None = None):
     """standard augmentation -> random noise patches (optional) -> MixUp, plus (optional) extra
     images carrying a universal adversarial perturbation with their true labels."""
     base = A.train_transform(cfg.augment or clean.augment)
-    adv = UniversalPerturbation(tuple(clean.x.shape[1:]), cfg.adv_eps, cfg.adv_step, g.device, g) \
-        if cfg.adv > 0 and model is not None else None
+    shape = tuple(clean.x.shape[1:])
+    adv = None if cfg.adv <= 0 or model is None else (
+        ImagePerturbation(shape, cfg.adv_eps, cfg.adv_image_steps, g.device, g) if cfg.adv_mode == "image"
+        else UniversalPerturbation(shape, cfg.adv_eps, cfg.adv_step, g.device, g))
 
     def transform(x, y, step):
         transform.clean = len(x)  # the first images of the batch are clean (MixUp); the rest carry delta

@@ -10,7 +10,7 @@ from nft.attacks import build_attack
 from nft.data import CleanSet, load_dataset
 from nft.errors import NFTError
 from nft.evaluate import evaluate
-from nft.purify import RECIPES, NFTConfig, UniversalPerturbation, make_transform, purify, recipe
+from nft.purify import RECIPES, ImagePerturbation, NFTConfig, UniversalPerturbation, make_transform, purify, recipe
 from nft.trainer import TrainConfig, train_model
 
 
@@ -156,6 +156,22 @@ def test_relapse_guard_keeps_the_perturbation_during_recovery():
     assert not torch.allclose(moved[2], moved[3])  # not frozen: the search goes on during recovery
 
 
+def test_image_perturbation_stays_in_each_ball_and_raises_the_loss():
+    g = torch.Generator().manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 4))
+    x = torch.rand(6, 3, 8, 8, generator=g) * 0.5 + 0.25  # room on both sides: no clamping
+    y = torch.randint(0, 4, (6,), generator=g)
+    p = ImagePerturbation((3, 8, 8), 0.1, 3, "cpu", g)
+    xa = p.update(model, x, y)
+    norms = (xa - x).flatten(1).norm(dim=1)
+    assert (norms <= p.radius + 1e-5).all() and (norms > 0.5 * p.radius).all()
+    assert len(set(torch.round((xa - x).flatten(1)[:, 0], decimals=5).tolist())) > 1  # one delta per image
+    with torch.no_grad():
+        before = torch.nn.functional.cross_entropy(model(x), y, reduction="none")
+        after = torch.nn.functional.cross_entropy(model(xa), y, reduction="none")
+    assert (after > before).all()  # every image's own perturbation raised its own loss
+
+
 def test_free_ascent_is_the_same_search_step():
     """adv_free takes the perturbation's step from the training backward: on a model without BN (train
     and eval mode agree) and a loss on the perturbed images only, it is exactly the separate search step."""
@@ -203,7 +219,9 @@ def test_nonfinite_loss_keeps_last_good_masks(tiny):
                                  {"schedule": "nope"}, {"batch_size": 0},
                                  {"mask_reset": 2, "bn_recal": 50}, {"mask_reset": 0.9, "bn_recal": 0},
                                  {"oneshot": {"steps": 0}}, {"oneshot": {"nope": 1}}, {"oneshot": {"oneshot_upto": 2}},
-                                 {"oneshot": 3}, {"bn_recal": 0}, {"cutmix": 1.5}, {"cutmix": -0.1}])
+                                 {"oneshot": 3}, {"bn_recal": 0}, {"cutmix": 1.5}, {"cutmix": -0.1},
+                                 {"adv_mode": "x"}, {"adv_mode": "image", "adv_frozen": True},
+                                 {"adv_image_steps": 0}])
 def test_invalid_settings_are_refused(bad):
     with pytest.raises(NFTError, match="invalid NFT setting"):
         recipe("default", **bad)
