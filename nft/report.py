@@ -394,6 +394,10 @@ def _num(v) -> str:
     return "" if v is None else f"{v:.4f}"
 
 
+def _num_g(v) -> str:
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
 def settings_md(sec: Section) -> str:
     """What a reader needs to compare this table with others (peers.md §3's comparability list)."""
     r = next((r for r in sec.records if r["defense"] == NO_DEFENSE), sec.records[0])
@@ -410,8 +414,8 @@ def settings_md(sec: Section) -> str:
              + (f" (test subset {m['subset_test']})" if m.get("subset_test") else ""),
              f"- poisoning: rate {m['poison_rate']}, target {m['target']}, {m['label_mode']}; training "
              f"{m['epochs']} epochs, batch {m['batch_size']}, lr {m['lr']}"
-             + ("".join(f"; **{attack_label(a)}**: " + ", ".join(f"{k} {v}" for k, v in d.items())
-                        for a, d in own.items())),
+             + "".join(f"; **{attack_label(a)}**: " + ", ".join(f"{k} {_num_g(v)}" for k, v in d.items())
+                       for a, d in own.items()),
              f"- clean data for defenses: {', '.join(map(str, sec.sizes))} images per class "
              f"(main table: {sec.main_size}), drawn from the defender's held-out pool (disjoint from training)",
              "- ASR counts only test images whose label the backdoor changes (non-target images for all-to-one)",
