@@ -238,33 +238,38 @@ def detail_table(sec: Section) -> Table:
                  "CUDA allocator peak on GPU, resident-memory peak above the start on CPU.")
 
 
-def efficiency_rows(sec: Section) -> list[tuple[str, int, tuple, tuple]]:
-    """(defense, size, ASR (mean, std, n), ACC (mean, std, n)) averaged over attacks (not Benign);
-    the std is over seeds of the attack-averaged value."""
+def efficiency_rows(sec: Section) -> list[tuple[str, int, tuple, tuple, int]]:
+    """(defense, size, ASR (mean, std, n), ACC (mean, std, n), cells) averaged over attacks (not
+    Benign); the std is over seeds of the attack-averaged value. A defense's sizes are compared on
+    the same (attack, seed) cells: those it has at every one of its sizes (``cells`` counts them)."""
     g = group(sec.records)
     real = [a for a in sec.attacks if a != BENIGN] or sec.attacks
     out = []
     for d in sec.defenses:
         if d == NO_DEFENSE:
             continue
-        for n in sec.sizes:
+        sizes = [n for n in sec.sizes if any(g.get((a, d, n)) for a in real)]
+        have = [{(a, r["seed"]) for a in real for r in g.get((a, d, n), [])} for n in sizes]
+        common = set.intersection(*have) if have else set()
+        for n in sizes:
             stats = []
             for m in ("asr", "acc"):
                 per_seed = defaultdict(list)
                 for a in real:
                     for r in g.get((a, d, n), []):
-                        if r.get(m) is not None:
+                        if r.get(m) is not None and (a, r["seed"]) in common:
                             per_seed[r["seed"]].append(r[m])
                 stats.append(mean_std([statistics.fmean(v) for v in per_seed.values()]))
             if stats[1][2]:
-                out.append((d, n, stats[0], stats[1]))
+                out.append((d, n, stats[0], stats[1], len(common)))
     return out
 
 
 def efficiency_table(sec: Section) -> Table:
-    rows = [[defense_label(d), str(n), fmt(*asr), fmt(*acc)] for d, n, asr, acc in efficiency_rows(sec)]
-    return Table("Sample efficiency: clean images per class", ["Defense", "clean/class", "ASR", "ACC"], rows,
-                 "mean over attacks (Benign excluded), ± std over seeds.")
+    rows = [[defense_label(d), str(n), fmt(*asr), fmt(*acc), str(k)] for d, n, asr, acc, k in efficiency_rows(sec)]
+    return Table("Sample efficiency: clean images per class", ["Defense", "clean/class", "ASR", "ACC", "cells"], rows,
+                 "mean over attacks (Benign excluded), ± std over seeds; each defense's sizes are compared on the "
+                 "same (attack, seed) cells, those it has at all of its sizes (cells).")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -50,8 +50,8 @@ def _save(fig, path: str) -> str:
 
 
 def _colors(defenses: list[str]) -> dict[str, str]:
-    cmap = plt.get_cmap("tab10")
-    return {d: ("0.45" if d == NO_DEFENSE else cmap(i % 10)) for i, d in enumerate(defenses)}
+    cmap = plt.get_cmap("tab10" if len(defenses) <= 11 else "tab20")
+    return {d: ("0.45" if d == NO_DEFENSE else cmap(i % cmap.N)) for i, d in enumerate(defenses)}
 
 
 def bars(sec: Section, path: str) -> str:

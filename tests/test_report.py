@@ -215,3 +215,13 @@ def test_claims_table_checks_targets_and_pairs_cells():
     assert rows["less time than IBAU"] == ["20.0 s vs 10.0 s", "**not met**", "1/2"]
     # no NFT default in the records: no claims table
     assert claims_table(sections([r for r in recs if r["defense"] != "nft:default"])[0]) is None
+
+
+def test_sample_efficiency_compares_each_defense_on_the_same_cells():
+    """d1 ran at 50/class on seeds 0 and 1 but at 5/class on seed 0 only: both rows use seed 0's cells."""
+    from nft.report import efficiency_rows, efficiency_table
+
+    rows = {(d, n): (asr, acc, k) for d, n, asr, acc, k in efficiency_rows(sections(records())[0])}
+    assert rows[("d1", 50)][0] == (4.0, 0.0, 1) and rows[("d1", 50)][2] == 2  # mean of a1 2 and a2 6, seed 0
+    assert rows[("d1", 5)][0] == (40.0, 0.0, 1) and rows[("d1", 5)][1][0] == 81.0
+    assert efficiency_table(sections(records())[0]).rows[0] == ["D1", "5", "40.00", "81.00", "2"]
