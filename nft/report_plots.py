@@ -19,7 +19,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from .records import BENIGN, NO_DEFENSE  # noqa: E402
-from .report import Section, attack_label, cell_stats, defense_label, efficiency_rows, group  # noqa: E402
+from .report import PROPOSED, Section, attack_label, cell_stats, defense_label, efficiency_rows, group  # noqa: E402
 
 
 def write_png(fig, path: str) -> str:
@@ -50,8 +50,10 @@ def _save(fig, path: str) -> str:
 
 
 def _colors(defenses: list[str]) -> dict[str, str]:
-    cmap = plt.get_cmap("tab10" if len(defenses) <= 11 else "tab20")
-    return {d: ("0.45" if d == NO_DEFENSE else cmap(i % cmap.N)) for i, d in enumerate(defenses)}
+    """No Defense grey, NFT ``default`` (the method under test) black, the others from a qualitative map."""
+    others = [d for d in defenses if d not in (NO_DEFENSE, PROPOSED)]
+    cmap = plt.get_cmap("tab10" if len(others) <= 10 else "tab20")
+    return {NO_DEFENSE: "0.45", PROPOSED: "black", **{d: cmap(i % cmap.N) for i, d in enumerate(others)}}
 
 
 def bars(sec: Section, path: str) -> str:
