@@ -33,9 +33,7 @@ def mixup(x: torch.Tensor, y: torch.Tensor, num_classes: int, alpha: float = 1.0
     """
     if alpha <= 0:
         return x, soft_targets(y, num_classes)
-    gen_device = g.device if g is not None else "cpu"
-    lam = _beta(alpha, g)
-    perm = torch.randperm(len(x), generator=g, device=gen_device).to(x.device)
+    lam, perm = _pairing(len(x), alpha, g, x.device)
     ys = soft_targets(y, num_classes)
     return lam * x + (1 - lam) * x[perm], lam * ys + (1 - lam) * ys[perm]
 
@@ -47,9 +45,8 @@ def cutmix(x: torch.Tensor, y: torch.Tensor, num_classes: int, alpha: float = 1.
     """
     if alpha <= 0:
         return x, soft_targets(y, num_classes)
+    lam, perm = _pairing(len(x), alpha, g, x.device)
     gen_device = g.device if g is not None else "cpu"
-    lam = _beta(alpha, g)
-    perm = torch.randperm(len(x), generator=g, device=gen_device).to(x.device)
     H, W = x.shape[-2:]
     r = math.sqrt(1.0 - lam)
     bh, bw = int(round(H * r)), int(round(W * r))
@@ -61,6 +58,13 @@ def cutmix(x: torch.Tensor, y: torch.Tensor, num_classes: int, alpha: float = 1.
     a = 1.0 - (y1 - y0) * (x1 - x0) / (H * W)
     ys = soft_targets(y, num_classes)
     return out, a * ys + (1 - a) * ys[perm]
+
+
+def _pairing(n: int, alpha: float, g: torch.Generator | None, device) -> tuple[float, torch.Tensor]:
+    """MixUp's and CutMix's draw: lam ~ Beta(alpha, alpha), then a random pairing of the n images."""
+    lam = _beta(alpha, g)
+    perm = torch.randperm(n, generator=g, device=g.device if g is not None else "cpu").to(device)
+    return lam, perm
 
 
 def _beta(alpha: float, g: torch.Generator | None) -> float:

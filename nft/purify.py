@@ -227,25 +227,26 @@ class ImagePerturbation:
     of radius ``eps_rms * sqrt(C*H*W)``, up the clean loss of the current masked model. Unlike the
     universal delta it can follow a trigger that differs from image to image (ISSBA, input-aware)."""
 
-    def __init__(self, shape, eps_rms: float, steps: int, device, g: torch.Generator):
+    def __init__(self, shape, eps_rms: float, steps: int, g: torch.Generator):
         self.radius = eps_rms * math.sqrt(math.prod(shape))
-        self.steps, self.g, self.device = steps, g, device
+        self.steps, self.g = steps, g
 
-    def _project(self, d: torch.Tensor) -> torch.Tensor:
-        n = d.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *[1] * (d.dim() - 1))
-        return d * (self.radius / n).clamp(max=1.0)
+    @staticmethod
+    def _norms(t: torch.Tensor) -> torch.Tensor:
+        """Each image's L2 norm, shaped to broadcast over it."""
+        return t.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *[1] * (t.dim() - 1))
 
     def update(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         d = torch.randn(x.shape, generator=self.g, device=self.g.device).to(x.device)
-        d = self._project(d * (0.5 * self.radius / d.flatten(1).norm(dim=1).view(-1, *[1] * (x.dim() - 1))))
+        d = d * (0.5 * self.radius / self._norms(d))  # start halfway to the ball's surface
         was = model.training
         model.eval()  # no BN statistics from the search batches
         for _ in range(self.steps):
             d.requires_grad_(True)
             loss = nn.functional.cross_entropy(model((x + d).clamp(0, 1)), y)
             (grad,) = torch.autograd.grad(loss, d)
-            gn = grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *[1] * (x.dim() - 1))
-            d = self._project(d.detach() + (2.5 * self.radius / self.steps) * grad / gn)
+            d = d.detach() + (2.5 * self.radius / self.steps) * grad / self._norms(grad)
+            d = d * (self.radius / self._norms(d)).clamp(max=1.0)
         model.train(was)
         return (x + d).clamp(0, 1)
 
@@ -259,7 +260,7 @@ def make_transform(cfg: NFTConfig, clean: CleanSet, g: torch.Generator, model: n
     base = A.train_transform(cfg.augment or clean.augment)
     shape = tuple(clean.x.shape[1:])
     adv = None if cfg.adv <= 0 or model is None else (
-        ImagePerturbation(shape, cfg.adv_eps, cfg.adv_image_steps, g.device, g) if cfg.adv_mode == "image"
+        ImagePerturbation(shape, cfg.adv_eps, cfg.adv_image_steps, g) if cfg.adv_mode == "image"
         else UniversalPerturbation(shape, cfg.adv_eps, cfg.adv_step, g.device, g))
 
     def transform(x, y, step):

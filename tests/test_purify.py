@@ -161,7 +161,7 @@ def test_image_perturbation_stays_in_each_ball_and_raises_the_loss():
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 4))
     x = torch.rand(6, 3, 8, 8, generator=g) * 0.5 + 0.25  # room on both sides: no clamping
     y = torch.randint(0, 4, (6,), generator=g)
-    p = ImagePerturbation((3, 8, 8), 0.1, 3, "cpu", g)
+    p = ImagePerturbation((3, 8, 8), 0.1, 3, g)
     xa = p.update(model, x, y)
     norms = (xa - x).flatten(1).norm(dim=1)
     assert (norms <= p.radius + 1e-5).all() and (norms > 0.5 * p.radius).all()
