@@ -273,84 +273,6 @@ def efficiency_table(sec: Section) -> Table:
 
 
 # ---------------------------------------------------------------------------------------------
-# the paper's claims, checked on the records
-
-PROPOSED = "nft:default"
-TARGETS = {"main": (2.0, 1.0), 1: (5.0, 2.0)}  # (average ASR <=, average ACC drop <=) in points
-TIMED_AGAINST = ("anp", "ibau", "ftsam", "awm")  # the paper says NFT is faster than these
-
-
-def _paired(groups, attacks, defenses, size, metric, fn) -> tuple[float | None, int]:
-    """Mean over attacks of the mean over seeds of ``fn(values)``, where ``values`` holds ``metric``
-    for each defense in ``defenses`` (No Defense included when named) on that attack and seed; only
-    (attack, seed) pairs where every one of those cells exists count. Returns (mean, attacks used)."""
-    per_attack = []
-    for a in attacks:
-        if a == BENIGN:
-            continue
-        cells = [_by_seed(groups, a, d, size, metric) for d in defenses]
-        seeds = set.intersection(*(set(c) for c in cells))
-        if seeds:
-            per_attack.append(statistics.fmean(fn(*(c[s] for c in cells)) for s in sorted(seeds)))
-    return (statistics.fmean(per_attack) if per_attack else None), len(per_attack)
-
-
-def claims_table(sec: Section) -> Table | None:
-    """NFT ``default`` against the targets and against every other defense, on the same cells.
-
-    Each comparison is over the (attack, seed) cells both defenses have, so a partial grid compares
-    like with like; the last column says over how many attacks. Times are wall-clock seconds of the
-    defense alone under whatever load the run had (records made in one batch compare best)."""
-    if PROPOSED not in sec.defenses:
-        return None
-    g = group(sec.records)
-    real = [a for a in sec.attacks if a != BENIGN]
-    rows = []
-
-    def verdict(ok):
-        return "–" if ok is None else ("met" if ok else "**not met**")
-
-    for key, (asr_max, drop_max) in TARGETS.items():
-        n = sec.main_size if key == "main" else key
-        if n not in sec.sizes:
-            continue
-        asr, k = _paired(g, real, [PROPOSED], n, "asr", lambda v: v)
-        drop, _ = _paired(g, real, [NO_DEFENSE, PROPOSED], n, "acc", lambda b, v: b - v)
-        if asr is None:
-            continue
-        rows.append([f"{n}/class: average ASR <= {asr_max:g}", f"{asr:.2f}", verdict(asr <= asr_max), f"{k}/{len(real)}"])
-        if drop is not None:
-            rows.append([f"{n}/class: average ACC drop <= {drop_max:g}", f"{drop:.2f}", verdict(drop <= drop_max),
-                         f"{k}/{len(real)}"])
-    n = sec.main_size
-    for d in sec.defenses:
-        if d in (NO_DEFENSE, PROPOSED):
-            continue
-        both = [NO_DEFENSE, PROPOSED, d]
-        ours, k = _paired(g, real, both, n, "asr", lambda b, v, o: b - v)
-        theirs, _ = _paired(g, real, both, n, "asr", lambda b, v, o: b - o)
-        if ours is None:
-            continue
-        rows.append([f"ASR drop larger than {defense_label(d)}'s", f"{ours:.2f} vs {theirs:.2f}",
-                     verdict(ours > theirs), f"{k}/{len(real)}"])
-        ours, _ = _paired(g, real, both, n, "acc", lambda b, v, o: b - v)
-        theirs, _ = _paired(g, real, both, n, "acc", lambda b, v, o: b - o)
-        rows.append([f"ACC drop smaller than {defense_label(d)}'s", f"{ours:.2f} vs {theirs:.2f}",
-                     verdict(ours < theirs), f"{k}/{len(real)}"])
-        if d.partition(":")[0] in TIMED_AGAINST:
-            ours, k = _paired(g, real, [PROPOSED, d], n, "seconds", lambda v, o: v)
-            theirs, _ = _paired(g, real, [PROPOSED, d], n, "seconds", lambda v, o: o)
-            if ours is not None:
-                rows.append([f"less time than {defense_label(d)}", f"{ours:.1f} s vs {theirs:.1f} s",
-                             verdict(ours < theirs), f"{k}/{len(real)}"])
-    return Table(f"Claims checked: {defense_label(PROPOSED)} against the targets and the other defenses",
-                 ["claim", "measured", "verdict", "attacks"], rows,
-                 f"Averages over attacks (Benign excluded) of the per-attack mean over seeds; a comparison uses "
-                 f"only the (attack, seed) cells both defenses have ({sec.main_size} clean images per class unless "
-                 "stated). Seconds: the defense alone, wall-clock under the load the run had.")
-
-
-# ---------------------------------------------------------------------------------------------
 # writers
 
 def to_markdown(t: Table) -> str:
@@ -469,6 +391,8 @@ def _bench_main_size(results: str, records: list[dict]) -> int | None:
 def build_report(results: str, out: str | None = None, size: int | None = None, plots: bool = True,
                  tsne_samples: int = 600) -> dict:
     """Write the report of ``results`` into ``out`` (default results/report); returns the paths."""
+    from .report_claims import claims_table  # it builds on this module
+
     from .report_html import write_html
 
     records = load_records(results)

@@ -6,7 +6,8 @@ import html
 import os
 
 from .io import atomic_write_text
-from .report import Section, claims_table, detail_table, efficiency_table, settings_md, table1
+from .report import Section, detail_table, efficiency_table, settings_md, table1
+from .report_claims import claims_table
 
 CSS = """body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}
 table{border-collapse:collapse;margin:.5em 0 1.5em;font-size:13px}

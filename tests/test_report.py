@@ -194,7 +194,7 @@ def test_report_of_a_real_bench_grid_with_tsne(tmp_path, capsys):
 
 def test_claims_table_checks_targets_and_pairs_cells():
     """NFT default against the targets and a baseline, on hand-made records: only cells both have count."""
-    from nft.report import claims_table
+    from nft.report_claims import claims_table
 
     recs = [r for r in records() if r["defense"] == NO_DEFENSE and r["attack"] != BENIGN]
     # nft:default: a1 ASR 1/ACC 90 (seed 0), 3/91 (seed 1); a2 ASR 0/ACC 93 (seed 0 only); 1/class a1 ASR 9
