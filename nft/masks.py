@@ -36,10 +36,23 @@ class ChannelMask(nn.Module):
         self.mask = mask
         self.ndim = ndim
         self.full_shape = full_shape
+        self.noise: torch.Tensor | None = None  # relative perturbation: m -> m * (1 + noise) while set
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
-        m = self.mask if self.full_shape else self.mask.view((-1,) + (1,) * (self.ndim - 1))
+        m = self.mask if self.noise is None else self.mask * (1 + self.noise)
+        m = m if self.full_shape else m.view((-1,) + (1,) * (self.ndim - 1))
         return w * m.to(w.dtype)
+
+
+class BiasNoise(nn.Module):
+    """Parametrization b -> b * (1 + noise) of a norm layer's bias while ``noise`` is set (else b itself)."""
+
+    def __init__(self):
+        super().__init__()
+        self.noise: torch.Tensor | None = None
+
+    def forward(self, b: torch.Tensor) -> torch.Tensor:
+        return b if self.noise is None else b * (1 + self.noise.to(b.dtype))
 
 
 @dataclass
@@ -153,6 +166,32 @@ class Masks:
             s.mask.masked_fill_(s.mask > tau, 1.0)
             kept += int((s.mask < 1.0).sum())
         return kept
+
+    def set_noise(self, noise: list[torch.Tensor] | None, bias: list[torch.Tensor | None] | None = None) -> None:
+        """Perturb every mask multiplicatively, m -> m * (1 + noise), one tensor per site (in site
+        order) shaped like its mask; ``bias`` (optional, one per site, None to skip one) scales a
+        norm layer's bias the same way, b -> b * (1 + bias) (ANP's neuron perturbation, which can
+        wake a channel that clean data leaves dormant). ``None`` removes every perturbation. A closed
+        channel (m = 0) stays closed under mask noise."""
+        if noise is not None and len(noise) != len(self.sites):
+            raise NFTError(f"{len(noise)} noise tensors for {len(self.sites)} mask sites")
+        if bias is not None and len(bias) != len(self.sites):
+            raise NFTError(f"{len(bias)} bias-noise tensors for {len(self.sites)} mask sites")
+        for i, s in enumerate(self.sites):
+            for pname in ("weight", "bias"):
+                if parametrize.is_parametrized(s.module, pname):
+                    for p in s.module.parametrizations[pname]:
+                        if isinstance(p, ChannelMask):
+                            p.noise = None if noise is None else noise[i]
+            b = None if bias is None or noise is None else bias[i]
+            if s.kind != "norm" or getattr(s.module, "bias", None) is None:
+                continue
+            if b is not None and not parametrize.is_parametrized(s.module, "bias"):
+                parametrize.register_parametrization(s.module, "bias", BiasNoise(), unsafe=True)
+            if parametrize.is_parametrized(s.module, "bias"):
+                for p in s.module.parametrizations["bias"]:
+                    if isinstance(p, BiasNoise):
+                        p.noise = b
 
     # -- persistence ------------------------------------------------------------------------
     def state_dict(self) -> dict[str, torch.Tensor]:

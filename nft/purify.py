@@ -50,6 +50,13 @@ class NFTConfig:
     adv_free: bool = False  # take the perturbation's ascent step from the mask step's own backward pass (the
     # gradient of the training loss on the perturbed images, "free" adversarial training, Shafahi et al. 2019)
     # instead of a separate forward/backward in eval mode: the same search for about a fifth less time
+    neuron: float = 0.0  # weight w of the neuron-perturbation loss: (1 - w) CE(masked) + w CE(masked, every mask
+    # m -> m (1 + d), d in [-neuron_eps, neuron_eps] pushed up the loss): a trigger search in neuron space (as ANP's),
+    # which needs no input trigger of any shape; 0 = off
+    neuron_eps: float = 0.4  # the relative bound of d (ANP's eps)
+    neuron_bias: bool = True  # also scale norm layers' biases, b -> b (1 + e), |e| <= neuron_eps (ANP does)
+    neuron_steps: int = 1  # signed-gradient ascent steps on d per batch, from a uniform random start (ANP: 1)
+    neuron_until: float = 1.0  # fraction of the steps that use it
     kd: float = 0.0  # weight of KL(original || masked) on the clean (MixUp) images: the original model's full
     # output on interpolated clean images says more than ten hard labels, and it is clean there
     kd_temp: float = 2.0  # softmax temperature of that term (scaled by T^2)
@@ -135,6 +142,8 @@ def validate(cfg: NFTConfig) -> NFTConfig:
         (0 <= cfg.adv_after <= 1, "adv_after must be in [0, 1]"),
         (cfg.schedule in ("seed", "cosine", "constant"), "schedule must be 'seed', 'cosine' or 'constant'"),
         (cfg.kd >= 0 and cfg.kd_temp > 0, "kd >= 0 and kd_temp > 0"),
+        (0 <= cfg.neuron <= 1 and cfg.neuron_eps >= 0 and cfg.neuron_steps >= 1 and 0 <= cfg.neuron_until <= 1,
+         "neuron in [0, 1], neuron_eps >= 0, neuron_steps >= 1, neuron_until in [0, 1]"),
         (cfg.bn_recal >= 0 and cfg.bn_recal_mode in ("replace", "delta"), "bn_recal >= 0, bn_recal_mode 'replace' or 'delta'"),
         (0 <= cfg.mask_reset <= 1, "mask_reset must be in [0, 1]"),
         (cfg.mask_reset == 0 or cfg.bn_recal > 0, "mask_reset needs bn_recal > 0 (the BN statistics must follow the masks)"),
@@ -289,21 +298,68 @@ def make_transform(cfg: NFTConfig, clean: CleanSet, g: torch.Generator, model: n
     return transform
 
 
-def make_loss(cfg: NFTConfig, teacher: nn.Module | None, transform):
+class NeuronPerturbation:
+    """Adversarial neuron perturbation (ANP, Wu & Wang 2021) on NFT's masks: every mask m becomes
+    m (1 + d) and (``bias``) every norm layer's bias b becomes b (1 + e), with d, e in [-eps, eps],
+    from a uniform random start pushed ``steps`` signed-gradient steps up the loss. A backdoored
+    network is fragile there: small relative changes of a few channels wake the backdoor and send
+    clean images to the target, whatever shape its trigger has in input space. Training the masks on
+    the perturbed network's loss closes those channels (a closed channel's output is its bias alone,
+    so the masks cannot undo a bias perturbation; they can only make the rest of the network robust
+    to it, as in ANP)."""
+
+    def __init__(self, masks: Masks, eps: float, steps: int, g: torch.Generator, bias: bool = True):
+        self.masks, self.eps, self.steps, self.g = masks, eps, steps, g
+        self.has_bias = [bias and s.kind == "norm" and getattr(s.module, "bias", None) is not None
+                         for s in masks.sites]
+
+    def _uniform(self, shape, device) -> torch.Tensor:
+        return (torch.rand(shape, generator=self.g, device=self.g.device).to(device) * 2 - 1) * self.eps
+
+    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        dev = x.device
+        noise = [self._uniform(s.mask.shape, dev) for s in self.masks.sites]
+        noise += [self._uniform(s.mask.shape, dev) for s, b in zip(self.masks.sites, self.has_bias) if b]
+
+        def put(ns):
+            it = iter(ns[len(self.masks.sites):])
+            self.masks.set_noise(ns[:len(self.masks.sites)], [next(it) if b else None for b in self.has_bias])
+
+        try:
+            for _ in range(self.steps):
+                noise = [n.requires_grad_(True) for n in noise]
+                put(noise)
+                grads = torch.autograd.grad(nn.functional.cross_entropy(model(x), y), noise)
+                noise = [(n.detach() + (self.eps / self.steps) * gr.sign()).clamp(-self.eps, self.eps)
+                         for n, gr in zip(noise, grads)]
+            put(noise)
+            return nn.functional.cross_entropy(model(x), y)
+        finally:
+            self.masks.set_noise(None)
+
+
+def make_loss(cfg: NFTConfig, teacher: nn.Module | None, transform, neurons: NeuronPerturbation | None = None):
     """Cross-entropy on soft targets, plus (``cfg.kd`` > 0) distillation from the original model on
-    the clean part of the batch only: on images that carry the perturbation it would teach the backdoor."""
-    if not cfg.kd or teacher is None:
+    the clean part of the batch only (on images that carry the perturbation it would teach the
+    backdoor), mixed (``cfg.neuron`` > 0) with the loss under adversarial neuron perturbation."""
+    kd = cfg.kd and teacher is not None
+    if not kd and neurons is None:
         return None
     T = cfg.kd_temp
+    neuron_to = cfg.neuron_until * cfg.steps
 
     def loss(model, x, y, step):
         out = model(x)
-        ce = nn.functional.cross_entropy(out, y)
-        k = transform.clean
-        with torch.no_grad():
-            p = nn.functional.softmax(teacher(x[:k]) / T, 1)
-        kl = nn.functional.kl_div(nn.functional.log_softmax(out[:k] / T, 1), p, reduction="batchmean")
-        return ce + cfg.kd * T * T * kl
+        total = nn.functional.cross_entropy(out, y)
+        if kd:
+            k = transform.clean
+            with torch.no_grad():
+                p = nn.functional.softmax(teacher(x[:k]) / T, 1)
+            kl = nn.functional.kl_div(nn.functional.log_softmax(out[:k] / T, 1), p, reduction="batchmean")
+            total = total + cfg.kd * T * T * kl
+        if neurons is not None and step <= neuron_to:
+            total = (1 - cfg.neuron) * total + cfg.neuron * neurons.loss(model, x, y)
+        return total
 
     return loss
 
@@ -413,9 +469,11 @@ def purify(model: nn.Module, clean: CleanSet, cfg: NFTConfig | None = None, runt
         pending = snapshot()
 
     teacher = copy.deepcopy(original).to(runtime.torch_device).eval() if cfg.kd else None
+    neurons = NeuronPerturbation(masks, cfg.neuron_eps, cfg.neuron_steps,
+                                 runtime.generator(606, device=runtime.device), cfg.neuron_bias) if cfg.neuron > 0 else None
     hooks = Hooks(
         transform=transform,
-        loss=make_loss(cfg, teacher, transform),
+        loss=make_loss(cfg, teacher, transform, neurons),
         penalty=lambda: l1_weight * masks.l1_to_one(),
         after_step=after_step,
         evaluate=monitor and (lambda step: monitor(model)),

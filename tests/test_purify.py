@@ -10,7 +10,7 @@ from nft.attacks import build_attack
 from nft.data import CleanSet, load_dataset
 from nft.errors import NFTError
 from nft.evaluate import evaluate
-from nft.purify import RECIPES, ImagePerturbation, NFTConfig, UniversalPerturbation, make_transform, purify, recipe
+from nft.purify import RECIPES, ImagePerturbation, NeuronPerturbation, NFTConfig, UniversalPerturbation, make_transform, purify, recipe
 from nft.trainer import TrainConfig, train_model
 
 
@@ -191,6 +191,51 @@ def test_free_ascent_is_the_same_search_step():
     assert torch.allclose(a.delta, b.delta, atol=1e-6)
 
 
+def test_neuron_perturbation_raises_the_loss_stays_bounded_and_is_removed():
+    from nft.masks import attach
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 6, 3), torch.nn.BatchNorm2d(6), torch.nn.ReLU(),
+                              torch.nn.Conv2d(6, 5, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(5 * 4 * 4, 3))
+    net.eval()
+    with torch.no_grad():
+        net[1].bias.normal_()  # a trained BN's bias, not the zero init (relative noise on 0 is 0)
+    x, y = torch.rand(16, 1, 8, 8), torch.arange(16) % 3
+    masks = attach(net, "auto")
+    with torch.no_grad():
+        masks.sites[0].mask[:2] = 0.0  # two closed channels
+        clean = torch.nn.functional.cross_entropy(net(x), y)
+    seen = []
+    real_set = masks.set_noise
+    masks.set_noise = lambda noise, bias=None: (seen.append((noise, bias)), real_set(noise, bias))[1]
+    p = NeuronPerturbation(masks, 0.4, 2, torch.Generator().manual_seed(1))
+    robust = p.loss(net, x, y)
+    assert float(robust.detach()) > float(clean)  # the ascent found a worse network near this one
+    final, final_bias = seen[-2]  # the last perturbation set before the finally-clause removed it
+    assert all(float(n.abs().max()) <= 0.4 + 1e-6 for n in final)
+    assert final_bias[0] is not None and final_bias[1] is None  # bias noise on the norm site only
+    assert float(final_bias[0].abs().max()) <= 0.4 + 1e-6
+    assert seen[-1] == (None, None)  # removed: the masked model is itself again
+    with torch.no_grad():
+        assert torch.equal(net(x), net(x)) and float(torch.nn.functional.cross_entropy(net(x), y)) == float(clean)
+        masks.set_noise(final, final_bias)
+        w, b = net[1].weight.clone(), net[1].bias.clone()  # the BN's masked gamma and its bias under the noise
+        masks.set_noise(None)
+        assert not torch.equal(b, net[1].bias)
+        assert torch.equal(w[:2], torch.zeros(2))  # closed channels stay closed under any noise
+        assert not torch.equal(w[2:], net[1].weight[2:])  # the open ones moved
+    robust.backward()  # the robust loss trains the masks
+    assert masks.sites[0].mask.grad is not None
+
+
+def test_purify_with_neuron_perturbation_runs_and_changes_the_masks(tiny):
+    rt, data, attack, model, clean = tiny
+    cfg = recipe("default", steps=12, batch_size=32)
+    a = purify(model, clean, cfg, rt)[3]["mask_state"]
+    b = purify(model, clean, replace(cfg, neuron=0.5), rt)[3]["mask_state"]
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+
+
 class Bomb(torch.nn.Module):
     """Wraps a model; its forward returns NaN from the ``at``-th call on."""
 
@@ -221,7 +266,8 @@ def test_nonfinite_loss_keeps_last_good_masks(tiny):
                                  {"oneshot": {"steps": 0}}, {"oneshot": {"nope": 1}}, {"oneshot": {"oneshot_upto": 2}},
                                  {"oneshot": 3}, {"bn_recal": 0}, {"cutmix": 1.5}, {"cutmix": -0.1},
                                  {"adv_mode": "x"}, {"adv_mode": "image", "adv_frozen": True},
-                                 {"adv_image_steps": 0}])
+                                 {"adv_image_steps": 0}, {"neuron": 1.5}, {"neuron": 0.5, "neuron_steps": 0},
+                                 {"neuron_eps": -0.1}, {"neuron_until": 2}])
 def test_invalid_settings_are_refused(bad):
     with pytest.raises(NFTError, match="invalid NFT setting"):
         recipe("default", **bad)
