@@ -105,7 +105,8 @@ RECIPES: dict[str, dict] = {
     # they are real learning and undoing them cost ACC and ASR), and the guard is doubled (§9).
     # 200 steps of 64 (a quarter of the compute of session 3's 400 of 128) purified as well on the dev
     # half (NOTES.md §9). One-shot mode (at most one image per class) keeps the guard at 8 images a
-    # batch, as at 128, and applies the mask reset. During the search, half the loss is taken under
+    # batch, as at 128 (session 5's one-shot mode also reset the masks above 0.5 to 1: with the neuron
+    # search below, that reopened TrojanNN/LF backdoors on the dev half, NOTES.md §12). During the search, half the loss is taken under
     # an adversarial neuron perturbation (ANP's, eps 0.4, on masks and norm biases): the input search
     # alone missed sample-specific, low-frequency and clean-label triggers on some seeds (ISSBA,
     # LF, TrojanNN, CLB), the neuron search alone missed ISSBA and CLB too, the two together removed
@@ -113,7 +114,7 @@ RECIPES: dict[str, dict] = {
     "default": {"where": "auto", "adv": 0.5, "adv_until": 0.5, "adv_after": 0.0625, "steps": 200, "batch_size": 64,
                 "neuron": 0.5, "neuron_until": 0.5,
                 "l1": 2e-5, "l1_per_class": False, "bn_recal": 50, "bn_recal_mode": "delta",
-                "oneshot_upto": 1, "oneshot": {"mask_reset": 0.5, "adv_after": 0.125}},
+                "oneshot_upto": 1, "oneshot": {"adv_after": 0.125}},
 }
 
 

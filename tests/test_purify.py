@@ -231,8 +231,9 @@ def test_neuron_perturbation_raises_the_loss_stays_bounded_and_is_removed():
 def test_purify_with_neuron_perturbation_runs_and_changes_the_masks(tiny):
     rt, data, attack, model, clean = tiny
     cfg = recipe("default", steps=12, batch_size=32)
-    a = purify(model, clean, cfg, rt)[3]["mask_state"]
-    b = purify(model, clean, replace(cfg, neuron=0.5), rt)[3]["mask_state"]
+    assert cfg.neuron == 0.5 and recipe("paper").neuron == 0  # the default searches in neuron space too
+    a = purify(model, clean, replace(cfg, neuron=0.0), rt)[3]["mask_state"]
+    b = purify(model, clean, cfg, rt)[3]["mask_state"]
     assert any(not torch.equal(a[k], b[k]) for k in a)
 
 
