@@ -357,6 +357,16 @@ def settings_md(sec: Section) -> str:
     return "\n".join(lines) + "\n"
 
 
+def applied_settings(rec: dict) -> dict:
+    """The record's defense settings without NFT's one-shot overrides where they did not apply (a
+    clean set above ``oneshot_upto`` per class): editing them does not change what such a cell ran."""
+    cfg = dict(rec.get("defense_config") or {})
+    upto, n = cfg.get("oneshot_upto"), rec.get("clean_per_class")
+    if "oneshot" in cfg and (upto is None or (n is not None and n > upto)):
+        cfg.pop("oneshot")
+    return cfg
+
+
 def mixed_settings(records: list[dict], defense: str) -> str:
     """'' when every cell of ``defense`` ran with the same resolved settings, else what differs.
 
@@ -365,7 +375,7 @@ def mixed_settings(records: list[dict], defense: str) -> str:
     by_size = defaultdict(list)
     for r in records:
         if r["defense"] == defense:
-            by_size[r.get("clean_per_class")].append((r["cell_id"], r.get("defense_config") or {}))
+            by_size[r.get("clean_per_class")].append((r["cell_id"], applied_settings(r)))
     parts = []
     for size, cfgs in sorted(by_size.items(), key=lambda kv: str(kv[0])):
         keys = sorted({k for _, c in cfgs for k in c})

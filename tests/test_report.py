@@ -136,6 +136,21 @@ def test_settings_that_differ_only_by_clean_set_size_are_not_flagged():
     assert mixed_settings(recs, "d1") == "adv_after (50/class): 0.5 in 1 cell(s) (a1-d1-50-0); 0.0625 in 5 cell(s)"
 
 
+def test_oneshot_overrides_count_only_where_they_applied():
+    """Editing NFT's one-shot overrides changes nothing at 50/class: those cells are not flagged; at the
+    one-shot size they are."""
+    from nft.report import mixed_settings
+
+    recs = records()  # d1 ran at 50 and at 5 images per class
+    for i, r in enumerate(recs):
+        r["defense_config"] = {"steps": 200, "oneshot_upto": 5, "oneshot": {"mask_reset": 0.5} if i % 2 else {}}
+    fifty = [r for r in recs if r["clean_per_class"] == 50]
+    assert mixed_settings(fifty, "d1") == ""
+    five = [r for r in recs if r["clean_per_class"] == 5 and r["defense"] == "d1"]
+    assert len({str(r["defense_config"]["oneshot"]) for r in five}) == 2  # the test does mix them at 5/class
+    assert mixed_settings(five, "d1").startswith("oneshot: ")
+
+
 def test_report_files_from_hand_made_records(tmp_path):
     root = str(tmp_path)
     for r in records():
