@@ -265,7 +265,7 @@ def test_nonfinite_loss_keeps_last_good_masks(tiny):
                                  {"schedule": "nope"}, {"batch_size": 0},
                                  {"mask_reset": 2, "bn_recal": 50}, {"mask_reset": 0.9, "bn_recal": 0},
                                  {"oneshot": {"steps": 0}}, {"oneshot": {"nope": 1}}, {"oneshot": {"oneshot_upto": 2}},
-                                 {"oneshot": 3}, {"bn_recal": 0}, {"cutmix": 1.5}, {"cutmix": -0.1},
+                                 {"oneshot": 3}, {"bn_recal": 0, "oneshot": {"mask_reset": 0.5}}, {"cutmix": 1.5}, {"cutmix": -0.1},
                                  {"adv_mode": "x"}, {"adv_mode": "image", "adv_frozen": True},
                                  {"adv_image_steps": 0}, {"neuron": 1.5}, {"neuron": 0.5, "neuron_steps": 0},
                                  {"neuron_eps": -0.1}, {"neuron_until": 2}])
