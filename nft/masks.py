@@ -67,6 +67,12 @@ class MaskSite:
         return self.mask.numel()
 
 
+def _parametrizations(module: nn.Module, kind: type) -> list[nn.Module]:
+    """The parametrizations of type ``kind`` on ``module``'s weight and bias."""
+    return [p for pname in ("weight", "bias") if parametrize.is_parametrized(module, pname)
+            for p in module.parametrizations[pname] if isinstance(p, kind)]
+
+
 def _is_affine_norm(m: nn.Module) -> bool:
     return isinstance(m, NORM_TYPES) and getattr(m, "weight", None) is not None
 
@@ -178,20 +184,15 @@ class Masks:
         if bias is not None and len(bias) != len(self.sites):
             raise NFTError(f"{len(bias)} bias-noise tensors for {len(self.sites)} mask sites")
         for i, s in enumerate(self.sites):
-            for pname in ("weight", "bias"):
-                if parametrize.is_parametrized(s.module, pname):
-                    for p in s.module.parametrizations[pname]:
-                        if isinstance(p, ChannelMask):
-                            p.noise = None if noise is None else noise[i]
+            for p in _parametrizations(s.module, ChannelMask):
+                p.noise = None if noise is None else noise[i]
             b = None if bias is None or noise is None else bias[i]
             if s.kind != "norm" or getattr(s.module, "bias", None) is None:
                 continue
-            if b is not None and not parametrize.is_parametrized(s.module, "bias"):
+            if b is not None and not _parametrizations(s.module, BiasNoise):
                 parametrize.register_parametrization(s.module, "bias", BiasNoise(), unsafe=True)
-            if parametrize.is_parametrized(s.module, "bias"):
-                for p in s.module.parametrizations["bias"]:
-                    if isinstance(p, BiasNoise):
-                        p.noise = b
+            for p in _parametrizations(s.module, BiasNoise):
+                p.noise = b
 
     # -- persistence ------------------------------------------------------------------------
     def state_dict(self) -> dict[str, torch.Tensor]:

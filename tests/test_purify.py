@@ -10,7 +10,8 @@ from nft.attacks import build_attack
 from nft.data import CleanSet, load_dataset
 from nft.errors import NFTError
 from nft.evaluate import evaluate
-from nft.purify import RECIPES, ImagePerturbation, NeuronPerturbation, NFTConfig, UniversalPerturbation, make_transform, purify, recipe
+from nft.purify import RECIPES, NFTConfig, make_transform, purify, recipe
+from nft.searches import ImagePerturbation, NeuronPerturbation, UniversalPerturbation
 from nft.trainer import TrainConfig, train_model
 
 

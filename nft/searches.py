@@ -1,0 +1,126 @@
+"""The trigger searches NFT runs beside its mask training, none of which knows the trigger.
+
+In input space, a perturbation of the clean images pushed up the loss: one universal delta
+(``UniversalPerturbation``) or one per image (``ImagePerturbation``). In neuron space, a relative
+perturbation of every mask and norm bias pushed up the loss (``NeuronPerturbation``, ANP's). A
+backdoor is the cheapest way to change a backdoored model's predictions, so each drifts toward it.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+from .masks import Masks
+
+
+class UniversalPerturbation:
+    """One perturbation delta shared by all images, pushed up the clean loss by one normalised
+    gradient step per call and kept in an L2 ball. It knows nothing of any trigger; a backdoor is
+    the cheapest universal way to change predictions, so delta drifts toward it and makes clean
+    images excite the neurons the trigger excites (the ones clean data leaves dormant)."""
+
+    def __init__(self, shape, eps_rms: float, step: float, device, g: torch.Generator):
+        n = math.prod(shape)
+        self.radius = eps_rms * math.sqrt(n)
+        self.step = step * self.radius
+        d = torch.randn(shape, generator=g, device=g.device).to(device)
+        self.delta = d * (0.5 * self.radius / d.norm())
+
+    def update(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        d = self.delta.clone().requires_grad_(True)
+        was = model.training
+        model.eval()  # no BN statistics from the search batches
+        loss = nn.functional.cross_entropy(model((x + d).clamp(0, 1)), y)
+        (grad,) = torch.autograd.grad(loss, d)
+        model.train(was)
+        d = d.detach() + self.step * grad / (grad.norm() + 1e-12)
+        self.delta = d * min(1.0, self.radius / float(d.norm() + 1e-12))
+        return self.apply(x)
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        return (x + self.delta).clamp(0, 1)
+
+    def attach(self, x: torch.Tensor) -> torch.Tensor:
+        """``apply`` with delta as a leaf of the training graph; ``ascend`` then uses its gradient."""
+        self._leaf = self.delta.clone().requires_grad_(True)
+        return (x + self._leaf).clamp(0, 1)
+
+    def ascend(self) -> None:
+        """One normalised ascent step along the gradient the training backward left on the leaf."""
+        leaf, self._leaf = getattr(self, "_leaf", None), None
+        if leaf is None or leaf.grad is None:
+            return
+        d = self.delta + self.step * leaf.grad / (leaf.grad.norm() + 1e-12)
+        self.delta = d * min(1.0, self.radius / float(d.norm() + 1e-12))
+
+
+class ImagePerturbation:
+    """A fresh perturbation per image and batch: ``steps`` of L2 PGD from a random start in the ball
+    of radius ``eps_rms * sqrt(C*H*W)``, up the clean loss of the current masked model. Unlike the
+    universal delta it can follow a trigger that differs from image to image (ISSBA, input-aware)."""
+
+    def __init__(self, shape, eps_rms: float, steps: int, g: torch.Generator):
+        self.radius = eps_rms * math.sqrt(math.prod(shape))
+        self.steps, self.g = steps, g
+
+    @staticmethod
+    def _norms(t: torch.Tensor) -> torch.Tensor:
+        """Each image's L2 norm, shaped to broadcast over it."""
+        return t.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *[1] * (t.dim() - 1))
+
+    def update(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        d = torch.randn(x.shape, generator=self.g, device=self.g.device).to(x.device)
+        d = d * (0.5 * self.radius / self._norms(d))  # start halfway to the ball's surface
+        was = model.training
+        model.eval()  # no BN statistics from the search batches
+        for _ in range(self.steps):
+            d.requires_grad_(True)
+            loss = nn.functional.cross_entropy(model((x + d).clamp(0, 1)), y)
+            (grad,) = torch.autograd.grad(loss, d)
+            d = d.detach() + (2.5 * self.radius / self.steps) * grad / self._norms(grad)
+            d = d * (self.radius / self._norms(d)).clamp(max=1.0)
+        model.train(was)
+        return (x + d).clamp(0, 1)
+
+    def ascend(self) -> None:  # nothing carries over between batches
+        return None
+
+
+class NeuronPerturbation:
+    """Adversarial neuron perturbation (ANP, Wu & Wang 2021) on NFT's masks: every mask m becomes
+    m (1 + d) and (``bias``) every norm layer's bias b becomes b (1 + e), with d, e in [-eps, eps],
+    from a uniform random start pushed ``steps`` signed-gradient steps up the loss. A backdoored
+    network is fragile there: small relative changes of a few channels wake the backdoor and send
+    clean images to the target, whatever shape its trigger has in input space. Training the masks on
+    the perturbed network's loss closes those channels (a closed channel's output is its bias alone,
+    so the masks cannot undo a bias perturbation; they can only make the rest of the network robust
+    to it, as in ANP)."""
+
+    def __init__(self, masks: Masks, eps: float, steps: int, g: torch.Generator, bias: bool = True):
+        self.masks, self.eps, self.steps, self.g = masks, eps, steps, g
+        self.has_bias = [bias and s.kind == "norm" and getattr(s.module, "bias", None) is not None
+                         for s in masks.sites]
+
+    def _uniform(self, shape, device) -> torch.Tensor:
+        return (torch.rand(shape, generator=self.g, device=self.g.device).to(device) * 2 - 1) * self.eps
+
+    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        d = [self._uniform(s.mask.shape, x.device) for s in self.masks.sites]  # on the masks
+        e = [self._uniform(s.mask.shape, x.device) if b else None for s, b in zip(self.masks.sites, self.has_bias)]
+        try:
+            for _ in range(self.steps):
+                live = [t.requires_grad_(True) for t in d + e if t is not None]
+                self.masks.set_noise(d, e)
+                grads = iter(torch.autograd.grad(nn.functional.cross_entropy(model(x), y), live))
+
+                def up(t):
+                    return None if t is None else (t.detach() + (self.eps / self.steps) * next(grads).sign()).clamp(
+                        -self.eps, self.eps)
+
+                d, e = [up(t) for t in d], [up(t) for t in e]
+            self.masks.set_noise(d, e)
+            return nn.functional.cross_entropy(model(x), y)
+        finally:
+            self.masks.set_noise(None)
