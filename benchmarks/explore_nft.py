@@ -32,7 +32,16 @@ from halves import halves
 
 
 def parse(s):
-    return parse_sets([kv for kv in s.split(",") if kv])
+    """'a=1,b={"c":1,"d":2}' -> overrides; commas inside brackets or braces belong to the value."""
+    items, depth, cur = [], 0, ""
+    for ch in s:
+        depth += ch in "[{" and 1 or (ch in "]}" and -1 or 0)
+        if ch == "," and depth == 0:
+            items.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    return parse_sets([kv for kv in items + [cur] if kv])
 
 
 def reset_masks(original, ex, tau, clean, cfg, rt):

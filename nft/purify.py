@@ -38,6 +38,7 @@ class NFTConfig:
     cutmix: float = 0.0  # probability per batch of CutMix (a pasted box, same Beta) instead of MixUp
     hold_below: float = 0.0  # from the end of the search (adv_until) on, masks <= this stay where they are
     adv_mode: str = "universal"  # 'universal': one delta for all images; 'image': a PGD delta per image
+    adv_starts: int = 1  # adv_mode 'universal': independent deltas (random starts); image i carries delta i mod this
     adv_image_steps: int = 3  # adv_mode 'image': PGD steps per batch (L2 ball of adv_eps, random start)
     patches: float = 0.0  # probability per image of a random noise patch (0 = off; see augment.random_patches)
     patch_size: tuple = (0.07, 0.25)  # patch side as a fraction of the image side (min, max)
@@ -101,9 +102,7 @@ RECIPES: dict[str, dict] = {
     # each batch still carries the (still searching) perturbation: without it a blended trigger came
     # back on some models (NOTES.md §5, §7). At the end the model keeps its own BN statistics, moved
     # by what the masks changed (NOTES.md §7: statistics from clean images alone let a blended
-    # trigger back in). With one image per class, only the masks NFT closed (< 0.5) stay; the small
-    # moves elsewhere are overfitting to ten images and are undone (NOTES.md §7; at 50 per class
-    # they are real learning and undoing them cost ACC and ASR), and the guard is doubled (§9).
+    # trigger back in). With one image per class the guard is doubled (§9).
     # 200 steps of 64 (a quarter of the compute of session 3's 400 of 128) purified as well on the dev
     # half (NOTES.md §9). One-shot mode (at most one image per class) keeps the guard at 8 images a
     # batch, as at 128 (session 5's one-shot mode also reset the masks above 0.5 to 1: with the neuron
@@ -145,7 +144,7 @@ def validate(cfg: NFTConfig) -> NFTConfig:
         (cfg.adv_mode in ("universal", "image"), "adv_mode must be 'universal' or 'image'"),
         (cfg.adv_mode == "universal" or not (cfg.adv_free or cfg.adv_frozen),
          "adv_free and adv_frozen need adv_mode='universal'"),
-        (cfg.adv_image_steps >= 1, "adv_image_steps must be >= 1"),
+        (cfg.adv_image_steps >= 1 and cfg.adv_starts >= 1, "adv_image_steps and adv_starts must be >= 1"),
         (0 <= cfg.patches <= 1 and 0 <= cfg.adv <= 1, "patches and adv must be in [0, 1]"),
         (cfg.adv_eps >= 0 and cfg.adv_step >= 0 and 0 <= cfg.adv_until <= 1, "adv_eps, adv_step >= 0, adv_until in [0, 1]"),
         (0 <= cfg.adv_after <= 1, "adv_after must be in [0, 1]"),
@@ -207,7 +206,7 @@ def make_transform(cfg: NFTConfig, clean: CleanSet, g: torch.Generator, model: n
     shape = tuple(clean.x.shape[1:])
     adv = None if cfg.adv <= 0 or model is None else (
         ImagePerturbation(shape, cfg.adv_eps, cfg.adv_image_steps, g) if cfg.adv_mode == "image"
-        else UniversalPerturbation(shape, cfg.adv_eps, cfg.adv_step, g.device, g))
+        else UniversalPerturbation(shape, cfg.adv_eps, cfg.adv_step, g.device, g, cfg.adv_starts))
 
     def transform(x, y, step):
         transform.clean = len(x)  # the first images of the batch are clean (MixUp); the rest carry delta

@@ -19,41 +19,61 @@ class UniversalPerturbation:
     """One perturbation delta shared by all images, pushed up the clean loss by one normalised
     gradient step per call and kept in an L2 ball. It knows nothing of any trigger; a backdoor is
     the cheapest universal way to change predictions, so delta drifts toward it and makes clean
-    images excite the neurons the trigger excites (the ones clean data leaves dormant)."""
+    images excite the neurons the trigger excites (the ones clean data leaves dormant).
 
-    def __init__(self, shape, eps_rms: float, step: float, device, g: torch.Generator):
+    ``starts`` > 1 keeps that many deltas from independent random starts, image i of a batch
+    carrying delta i mod starts: one ascent can settle on an adversarial direction that is not the
+    trigger, several rarely all do; each still takes its step from its own images' gradient."""
+
+    def __init__(self, shape, eps_rms: float, step: float, device, g: torch.Generator, starts: int = 1):
         n = math.prod(shape)
         self.radius = eps_rms * math.sqrt(n)
         self.step = step * self.radius
-        d = torch.randn(shape, generator=g, device=g.device).to(device)
-        self.delta = d * (0.5 * self.radius / d.norm())
+        d = torch.randn((starts, *shape), generator=g, device=g.device).to(device)
+        self.delta = self._project(d, 0.5 * self.radius, exact=True)
+
+    @staticmethod
+    def _norms(t: torch.Tensor) -> torch.Tensor:
+        return t.flatten(1).norm(dim=1).view(-1, *[1] * (t.dim() - 1))
+
+    def _project(self, d: torch.Tensor, radius: float, exact: bool = False) -> torch.Tensor:
+        """Each delta scaled to ``radius`` (exact) or into the ball of that radius."""
+        if len(d) == 1:  # the single-start arithmetic of earlier versions, bit for bit
+            return d * (radius / d.norm()) if exact else d * min(1.0, radius / float(d.norm() + 1e-12))
+        scale = radius / self._norms(d)
+        return d * (scale if exact else (radius / (self._norms(d) + 1e-12)).clamp(max=1.0))
+
+    def _per_image(self, d: torch.Tensor, n: int) -> torch.Tensor:
+        return d[0] if len(d) == 1 else d[torch.arange(n, device=d.device) % len(d)]
+
+    def _ascent(self, d: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        norm = grad.norm() if len(d) == 1 else self._norms(grad)
+        return self._project(d + self.step * grad / (norm + 1e-12), self.radius)
 
     def update(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         d = self.delta.clone().requires_grad_(True)
         was = model.training
         model.eval()  # no BN statistics from the search batches
-        loss = nn.functional.cross_entropy(model((x + d).clamp(0, 1)), y)
+        loss = nn.functional.cross_entropy(model((x + self._per_image(d, len(x))).clamp(0, 1)), y)
         (grad,) = torch.autograd.grad(loss, d)
         model.train(was)
-        d = d.detach() + self.step * grad / (grad.norm() + 1e-12)
-        self.delta = d * min(1.0, self.radius / float(d.norm() + 1e-12))
+        self.delta = self._ascent(d.detach(), grad)
         return self.apply(x)
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
-        return (x + self.delta).clamp(0, 1)
+        return (x + self._per_image(self.delta, len(x))).clamp(0, 1)
 
     def attach(self, x: torch.Tensor) -> torch.Tensor:
         """``apply`` with delta as a leaf of the training graph; ``ascend`` then uses its gradient."""
         self._leaf = self.delta.clone().requires_grad_(True)
-        return (x + self._leaf).clamp(0, 1)
+        return (x + self._per_image(self._leaf, len(x))).clamp(0, 1)
 
     def ascend(self) -> None:
         """One normalised ascent step along the gradient the training backward left on the leaf."""
         leaf, self._leaf = getattr(self, "_leaf", None), None
         if leaf is None or leaf.grad is None:
             return
-        d = self.delta + self.step * leaf.grad / (leaf.grad.norm() + 1e-12)
-        self.delta = d * min(1.0, self.radius / float(d.norm() + 1e-12))
+        self.delta = self._ascent(self.delta, leaf.grad)
 
 
 class ImagePerturbation:

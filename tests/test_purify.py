@@ -192,6 +192,28 @@ def test_free_ascent_is_the_same_search_step():
     assert torch.allclose(a.delta, b.delta, atol=1e-6)
 
 
+def test_several_starts_keep_one_delta_per_start_each_in_its_ball():
+    """adv_starts=K: K deltas from independent starts, image i carries delta i mod K, each delta
+    moves by its own images' gradient alone and stays in the ball."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 3))
+    x, y = torch.rand(7, 1, 8, 8), torch.arange(7) % 3
+    u = UniversalPerturbation((1, 8, 8), 0.15, 0.25, "cpu", torch.Generator().manual_seed(3), starts=3)
+    assert u.delta.shape == (3, 1, 8, 8) and not torch.allclose(u.delta[0], u.delta[1])
+    for _ in range(6):
+        before = u.delta.clone()
+        out = u.update(net, x, y)
+        assert torch.equal(out, (x + u.delta[torch.arange(7) % 3]).clamp(0, 1))
+        assert (u.delta.flatten(1).norm(dim=1) <= u.radius * (1 + 1e-5)).all()
+    # delta 2 sees images 2 and 5 only: a single-start search on those images takes the same step
+    solo = UniversalPerturbation((1, 8, 8), 0.15, 0.25, "cpu", torch.Generator().manual_seed(3))
+    solo.delta = before[2].unsqueeze(0).clone()
+    solo.update(net, x[[2, 5]], y[[2, 5]])
+    assert torch.allclose(solo.delta[0], u.delta[2], atol=1e-6)
+    assert len(make_transform(recipe("default", steps=4, batch_size=8, adv_starts=3),
+                              CleanSet(x, y, 3, augment="none"), torch.Generator().manual_seed(1), net)(x, y, 1)[0]) == 7 + 4
+
+
 def test_neuron_perturbation_raises_the_loss_stays_bounded_and_is_removed():
     from nft.masks import attach
 
@@ -269,7 +291,7 @@ def test_nonfinite_loss_keeps_last_good_masks(tiny):
                                  {"oneshot": 3}, {"bn_recal": 0, "oneshot": {"mask_reset": 0.5}}, {"cutmix": 1.5}, {"cutmix": -0.1},
                                  {"adv_mode": "x"}, {"adv_mode": "image", "adv_frozen": True},
                                  {"adv_image_steps": 0}, {"neuron": 1.5}, {"neuron": 0.5, "neuron_steps": 0},
-                                 {"neuron_eps": -0.1}, {"neuron_until": 2}])
+                                 {"neuron_eps": -0.1}, {"neuron_until": 2}, {"adv_starts": 0}])
 def test_invalid_settings_are_refused(bad):
     with pytest.raises(NFTError, match="invalid NFT setting"):
         recipe("default", **bad)
