@@ -72,6 +72,9 @@ def main():
     ap.add_argument("--reset-variants", nargs="*", type=float, default=[], metavar="TAU",
                     help="also report the purified masks with every mask above TAU set back to 1 (only the "
                          "channels NFT closed stay closed), BN moved by the masks' delta from 50 batches")
+    ap.add_argument("--average-masks", action="store_true",
+                    help="also report, per setting, the masks averaged over the runtime seeds' runs (folded into "
+                         "the original model, BN moved by the masks' delta from 50 batches)")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -91,6 +94,7 @@ def main():
             target = data.test
         pois = poisoned_test_set(target, attack)
         before = evaluate(model, target, runtime=rt, poisoned=pois)
+        states: dict[str, list] = {}
         for t, rs in [(t, rs) for t in a.tries for rs in a.runtime_seeds]:
             rt = Runtime(device="cpu", seed=rs, progress=False)
             over = parse(t)
@@ -115,6 +119,16 @@ def main():
             if a.curve:
                 rec["curve"] = [(h["step"], round(h["acc"], 2), round(h["asr"], 2)) for h in hist if "asr" in h]
             print(json.dumps(rec), flush=True)
+            states.setdefault(t, []).append((ex, cfg, secs))
+            if a.average_masks and len(states[t]) == len(a.runtime_seeds) > 1:
+                runs = states[t]
+                keys = runs[0][0]["mask_state"]
+                mean = {k: torch.stack([r[0]["mask_state"][k] for r in runs]).mean(0) for k in keys}
+                am = reset_masks(model, {"mask_state": mean}, 2.0, clean, cfg, rt)  # 2.0: no mask is reset
+                print(json.dumps({"run": run, "try": t, "runtime_seed": "mean of " + " ".join(map(str, a.runtime_seeds)),
+                                  "per_class": a.per_class, "eval": a.eval, "eval_n": len(target), "before": before,
+                                  "after": evaluate(am, target, runtime=rt, poisoned=pois),
+                                  "seconds": round(sum(r[2] for r in runs), 1)}), flush=True)
 
 
 if __name__ == "__main__":
