@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from .attacks import build_attack
+from .attacks.base import fit_attack
 from .data.core import DatasetSplits, ImageData
 from .defenses import get_defense
 from .errors import NFTError
@@ -111,8 +112,8 @@ def ensure_model(root: str, spec: ModelSpec, opts: RunOptions) -> tuple[str, boo
         data = data_for(spec)
         attack, cfg = attack_for(spec, data), train_config(spec)
         with measure(rt.device) as cost:
-            if attack is not None and hasattr(attack, "fit"):
-                attack.fit(data, rt)
+            if attack is not None:
+                fit_attack(attack, data, rt)
             model, info = train_model(data, cfg, rt, attack)
         metrics = evaluate(model, data.test, attack, rt)
         manifest = manifest_for(data, cfg, rt, attack, metrics=metrics, train_seconds=cost.seconds,

@@ -175,6 +175,20 @@ def test_artifact_roundtrip_and_deterministic(name, shape, mode, tmp_path):
     assert b.params() == a.params()
 
 
+def test_a_fitted_trigger_does_not_depend_on_what_the_process_ran_before():
+    """TrojanNN's surrogate draws its initial weights from the global RNG: fit_attack seeds it from
+    the runtime, so two fits with different global RNG histories give the same trigger."""
+    from nft.attacks.base import fit_attack
+
+    data, patterns = fake_data(SHAPES[0]), []
+    for burn in (0, 1000):
+        torch.rand(burn)  # another model trained earlier in the same process, say
+        a = build_attack("trojannn", num_classes=C, image_shape=SHAPES[0], seed=0, **FAST["trojannn"])
+        fit_attack(a, data, rt())
+        patterns.append(a.pattern.clone())
+    assert patterns[0].abs().sum() > 0 and torch.equal(patterns[0], patterns[1])
+
+
 def test_all2all_labels():
     a = make("badnets", SHAPES[0], "all2all")
     y = torch.arange(C)

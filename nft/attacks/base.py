@@ -112,3 +112,14 @@ class PatternArtifact:
 
 def pattern_generator(seed: int, salt: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 7919 + salt)
+
+
+def fit_attack(attack, data, runtime) -> None:
+    """``attack.fit(data, runtime)`` (for attacks that learn their trigger) with the global RNG
+    seeded from the runtime first. A fit may build a model (a surrogate, a generator) whose
+    initialisation draws from the global RNG; unseeded, the fitted trigger would depend on what the
+    process ran before (a bench that trains several models in one process gave TrojanNN a different
+    trigger than a fresh process, benchmarks/results/mnist10k/rerun.md)."""
+    if hasattr(attack, "fit"):
+        runtime.seed_everything(offset=1_009)
+        attack.fit(data, runtime)

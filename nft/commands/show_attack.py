@@ -11,6 +11,7 @@ import json
 import torch
 
 from ..attacks import build_attack
+from ..attacks.base import fit_attack
 from ..data.core import to_float
 from ..errors import NFTError
 from ..registry import ATTACKS, DATASETS
@@ -49,8 +50,7 @@ def _attack_and_data(args, rt):
     data = read_dataset(args.dataset, root=args.data_root)
     attack = build_attack(args.attack, num_classes=data.num_classes, image_shape=data.input_shape,
                           target=args.target, mode=args.label_mode, seed=args.seed)
-    if hasattr(attack, "fit"):
-        attack.fit(data, rt)
+    fit_attack(attack, data, rt)
     return attack, data
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 from ..attacks import build_attack
+from ..attacks.base import fit_attack
 from ..errors import NFTError
 from ..evaluate import evaluate
 from ..io import StagedDir, model_from_manifest, probe
@@ -54,8 +55,8 @@ def run(args) -> int:
     epochs = args.epochs if args.epochs is not None else (getattr(attack, "train_epochs", None) or TrainConfig.epochs)
     cfg = TrainConfig(arch=args.model, arch_kwargs={"width": args.width} if args.width else {}, epochs=epochs,
                       batch_size=args.batch_size, lr=args.lr, poison_rate=args.poison_rate if attack else 0.0)
-    if attack is not None and hasattr(attack, "fit"):
-        attack.fit(data, rt)
+    if attack is not None:
+        fit_attack(attack, data, rt)
     model, info = train_model(data, cfg, rt, attack)
     metrics = evaluate(model, data.test, attack, rt)
     manifest = manifest_for(data, cfg, rt, attack, metrics=metrics, train_seconds=info["seconds"],
