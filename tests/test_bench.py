@@ -210,14 +210,21 @@ def test_interrupted_pool_stops_its_running_cells():
 
     from nft.grid import _executor
 
-    gen = _executor([(time.sleep, 60), (time.sleep, 60)], 2, None, RunOptions(threads=1))
-    timer = threading.Timer(3.0, os.kill, (os.getpid(), signal.SIGINT))
-    timer.start()
+    gen = _executor([(time.sleep, 120), (time.sleep, 120)], 2, None, RunOptions(threads=1))
+
+    def interrupt_once_running():  # on a loaded machine the workers can take seconds to start
+        until = time.time() + 60
+        while time.time() < until and len([p for p in mp.active_children() if p.is_alive()]) < 2:
+            time.sleep(0.1)
+        time.sleep(1.0)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=interrupt_once_running, daemon=True).start()
     t0 = time.time()
     with pytest.raises(KeyboardInterrupt):
         next(gen)
-    deadline = time.time() + 10
+    deadline = time.time() + 20
     while time.time() < deadline and any(p.is_alive() for p in mp.active_children()):
         time.sleep(0.1)
     assert not [p for p in mp.active_children() if p.is_alive()]
-    assert time.time() - t0 < 30
+    assert time.time() - t0 < 90  # well before the cells' 120 s
