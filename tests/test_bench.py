@@ -202,29 +202,44 @@ def test_torn_and_temporary_records_are_ignored(grid, tmp_path):
     assert digest({"a": 1, "b": 2}) == digest({"b": 2, "a": 1})
 
 
-def test_interrupted_pool_stops_its_running_cells():
-    """Ctrl-C/SIGTERM during a cell: the worker processes are terminated, not waited for (an
-    interrupted bench used to hang until its current cell finished)."""
-    import multiprocessing as mp
-    import threading
+INTERRUPT_SCRIPT = """
+import multiprocessing as mp, os, signal, sys, threading, time
+from nft.bench import RunOptions
+from nft.grid import _executor
 
-    from nft.grid import _executor
 
+def interrupt_once_running():  # the workers can take seconds to start on a loaded machine
+    until = time.time() + 60
+    while time.time() < until and len([p for p in mp.active_children() if p.is_alive()]) < 2:
+        time.sleep(0.1)
+    time.sleep(1.0)
+    os.kill(os.getpid(), signal.SIGINT)
+
+
+if __name__ == "__main__":
     gen = _executor([(time.sleep, 120), (time.sleep, 120)], 2, None, RunOptions(threads=1))
-
-    def interrupt_once_running():  # on a loaded machine the workers can take seconds to start
-        until = time.time() + 60
-        while time.time() < until and len([p for p in mp.active_children() if p.is_alive()]) < 2:
-            time.sleep(0.1)
-        time.sleep(1.0)
-        os.kill(os.getpid(), signal.SIGINT)
-
     threading.Thread(target=interrupt_once_running, daemon=True).start()
     t0 = time.time()
-    with pytest.raises(KeyboardInterrupt):
+    try:
         next(gen)
+        sys.exit("no KeyboardInterrupt")
+    except KeyboardInterrupt:
+        pass
     deadline = time.time() + 20
     while time.time() < deadline and any(p.is_alive() for p in mp.active_children()):
         time.sleep(0.1)
-    assert not [p for p in mp.active_children() if p.is_alive()]
-    assert time.time() - t0 < 90  # well before the cells' 120 s
+    alive = [p for p in mp.active_children() if p.is_alive()]
+    took = time.time() - t0
+    sys.exit(f"workers still alive: {alive}" if alive else (f"took {took:.0f} s" if took > 90 else 0))
+"""
+
+
+def test_interrupted_pool_stops_its_running_cells(tmp_path):
+    """Ctrl-C/SIGINT during a cell: the worker processes are terminated, not waited for (an
+    interrupted bench used to hang until its current cell finished). Run in a fresh interpreter:
+    inside the full suite on fresh checkouts, the signal did not reach the pool (another test's state)."""
+    script = tmp_path / "interrupt.py"
+    script.write_text(INTERRUPT_SCRIPT)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=200, cwd=root)
+    assert r.returncode == 0, (r.returncode, r.stderr[-2000:])
