@@ -217,6 +217,7 @@ def interrupt_once_running():  # the workers can take seconds to start on a load
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # a shell's background job inherits SIGINT ignored
     gen = _executor([(time.sleep, 120), (time.sleep, 120)], 2, None, RunOptions(threads=1))
     threading.Thread(target=interrupt_once_running, daemon=True).start()
     t0 = time.time()
@@ -236,8 +237,8 @@ if __name__ == "__main__":
 
 def test_interrupted_pool_stops_its_running_cells(tmp_path):
     """Ctrl-C/SIGINT during a cell: the worker processes are terminated, not waited for (an
-    interrupted bench used to hang until its current cell finished). Run in a fresh interpreter:
-    inside the full suite on fresh checkouts, the signal did not reach the pool (another test's state)."""
+    interrupted bench used to hang until its current cell finished). Run in a fresh interpreter that
+    restores Python's SIGINT handler: under `cmd &` in a script, SIGINT arrives ignored."""
     script = tmp_path / "interrupt.py"
     script.write_text(INTERRUPT_SCRIPT)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
