@@ -15,6 +15,11 @@ import torch.nn as nn
 from .masks import Masks
 
 
+def _image_norms(t: torch.Tensor, floor: float = 0.0) -> torch.Tensor:
+    """Each image's (or delta's) L2 norm, at least ``floor``, shaped to broadcast over it."""
+    return t.flatten(1).norm(dim=1).clamp_min(floor).view(-1, *[1] * (t.dim() - 1))
+
+
 class UniversalPerturbation:
     """One perturbation delta shared by all images, pushed up the clean loss by one normalised
     gradient step per call and kept in an L2 ball. It knows nothing of any trigger; a backdoor is
@@ -32,9 +37,7 @@ class UniversalPerturbation:
         d = torch.randn((starts, *shape), generator=g, device=g.device).to(device)
         self.delta = self._project(d, 0.5 * self.radius, exact=True)
 
-    @staticmethod
-    def _norms(t: torch.Tensor) -> torch.Tensor:
-        return t.flatten(1).norm(dim=1).view(-1, *[1] * (t.dim() - 1))
+    _norms = staticmethod(lambda t: _image_norms(t))
 
     def _project(self, d: torch.Tensor, radius: float, exact: bool = False) -> torch.Tensor:
         """Each delta scaled to ``radius`` (exact) or into the ball of that radius."""
@@ -85,10 +88,7 @@ class ImagePerturbation:
         self.radius = eps_rms * math.sqrt(math.prod(shape))
         self.steps, self.g = steps, g
 
-    @staticmethod
-    def _norms(t: torch.Tensor) -> torch.Tensor:
-        """Each image's L2 norm, shaped to broadcast over it."""
-        return t.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *[1] * (t.dim() - 1))
+    _norms = staticmethod(lambda t: _image_norms(t, 1e-12))
 
     def update(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         d = torch.randn(x.shape, generator=self.g, device=self.g.device).to(x.device)
