@@ -27,6 +27,7 @@ from nft.runs import attack_from_run, clean_set, dataset_of
 from nft.commands.purify import parse_sets
 from nft.data.core import ImageData, stratified_pick
 from nft.runtime import Runtime
+from nft.searches import universal_probe
 
 from halves import halves
 
@@ -75,6 +76,9 @@ def main():
     ap.add_argument("--average-masks", action="store_true",
                     help="also report, per setting, the masks averaged over the runtime seeds' runs (folded into "
                          "the original model, BN moved by the masks' delta from 50 batches)")
+    ap.add_argument("--probe", type=int, default=0, metavar="STEPS",
+                    help="also report nft.searches.universal_probe (STEPS steps, eps 0.15, on the clean set) on the model "
+                         "before and after: how far one searched universal delta sends the clean images to one class")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -94,6 +98,10 @@ def main():
             target = data.test
         pois = poisoned_test_set(target, attack)
         before = evaluate(model, target, runtime=rt, poisoned=pois)
+        probe = (lambda m, rs: universal_probe(m, clean.x, clean.y, 0.15, 0.25, a.probe, 64,
+                                               torch.Generator().manual_seed(707 + rs))) if a.probe else None
+        if probe:
+            before = {**before, "probe": probe(model, 0)}
         states: dict[str, list] = {}
         for t, rs in [(t, rs) for t in a.tries for rs in a.runtime_seeds]:
             rt = Runtime(device="cpu", seed=rs, progress=False)
@@ -107,6 +115,8 @@ def main():
             rec = {"run": run, "try": t, "runtime_seed": rs, "per_class": a.per_class, "eval": a.eval, "eval_n": len(target), "before": before, "after": after,
                    "seconds": round(secs, 1), "masks_below_0.5": ex["masks_below_0.5"], "num_masks": ex["num_masks"],
                    "final_loss": hist[-1].get("loss") if hist else None}
+            if probe:
+                rec["probe"] = probe(pm, rs)
             if a.bn_variants:
                 for mode in ("replace", "delta"):
                     vm = copy.deepcopy(pm)

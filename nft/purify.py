@@ -59,6 +59,7 @@ class NFTConfig:
     neuron_bias: bool = True  # also scale norm layers' biases, b -> b (1 + e), |e| <= neuron_eps (ANP does)
     neuron_steps: int = 1  # signed-gradient ascent steps on d per batch, from a uniform random start (ANP: 1)
     neuron_until: float = 1.0  # fraction of the steps that use it
+    neuron_after: float = 0.0  # its weight after neuron_until (a neuron-space relapse guard during recovery)
     neuron_part: str = "all"  # images of the batch the perturbed loss sees: 'all', or 'adv' (only those carrying
     # the input perturbation: about a third of the extra cost; every image when a batch has none)
     kd: float = 0.0  # weight of KL(original || masked) on the clean (MixUp) images: the original model's full
@@ -153,6 +154,8 @@ def validate(cfg: NFTConfig) -> NFTConfig:
         (cfg.neuron_part in ("all", "adv"), "neuron_part must be 'all' or 'adv'"),
         (0 <= cfg.neuron <= 1 and cfg.neuron_eps >= 0 and cfg.neuron_steps >= 1 and 0 <= cfg.neuron_until <= 1,
          "neuron in [0, 1], neuron_eps >= 0, neuron_steps >= 1, neuron_until in [0, 1]"),
+        (0 <= cfg.neuron_after <= 1 and (cfg.neuron_after == 0 or cfg.neuron > 0),
+         "neuron_after must be in [0, 1] and needs neuron > 0"),
         (cfg.bn_recal >= 0 and cfg.bn_recal_mode in ("replace", "delta"), "bn_recal >= 0, bn_recal_mode 'replace' or 'delta'"),
         (0 <= cfg.mask_reset <= 1, "mask_reset must be in [0, 1]"),
         (cfg.mask_reset == 0 or cfg.bn_recal > 0, "mask_reset needs bn_recal > 0 (the BN statistics must follow the masks)"),
@@ -245,9 +248,10 @@ def make_loss(cfg: NFTConfig, teacher: nn.Module | None, transform, neurons: Neu
     neuron_to = cfg.neuron_until * cfg.steps
 
     def loss(model, x, y, step):
-        perturbed = neurons is not None and step <= neuron_to
+        w = cfg.neuron if step <= neuron_to else cfg.neuron_after
+        perturbed = neurons is not None and w > 0
         k = transform.clean if cfg.neuron_part == "adv" and 0 < transform.clean < len(x) else 0
-        if perturbed and cfg.neuron == 1 and not kd and not k:  # the unperturbed loss has weight 0: skip its pass
+        if perturbed and w == 1 and not kd and not k:  # the unperturbed loss has weight 0: skip its pass
             return neurons.loss(model, x, y)
         out = model(x)
         total = nn.functional.cross_entropy(out, y)
@@ -258,7 +262,7 @@ def make_loss(cfg: NFTConfig, teacher: nn.Module | None, transform, neurons: Neu
             kl = nn.functional.kl_div(nn.functional.log_softmax(out[:c] / T, 1), p, reduction="batchmean")
             total = total + cfg.kd * T * T * kl
         if perturbed:
-            total = (1 - cfg.neuron) * total + cfg.neuron * neurons.loss(model, x[k:], y[k:])
+            total = (1 - w) * total + w * neurons.loss(model, x[k:], y[k:])
         return total
 
     return loss

@@ -144,3 +144,30 @@ class NeuronPerturbation:
             return nn.functional.cross_entropy(model(x), y)
         finally:
             self.masks.set_noise(None)
+
+
+def universal_probe(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps_rms: float, step: float, steps: int,
+                    batch_size: int, g: torch.Generator) -> dict:
+    """How far one universal delta, searched for ``steps`` normalised-gradient steps up the loss of the
+    frozen ``model`` on the clean images ``(x, y)`` (batches drawn with ``g``), sends them to one class.
+
+    Returns ``flip``: the largest, over classes c, fraction of the images not of class c that the
+    delta sends to c, and ``to``: that class. A backdoor is the cheapest universal way to change a
+    model's predictions, so on a model whose backdoor is still open the delta finds it and sends
+    most images to its target; on a clean model the flips it finds are few and spread."""
+    device = next(model.parameters()).device
+    search = UniversalPerturbation(tuple(x.shape[1:]), eps_rms, step, device, g)
+    was = model.training
+    model.eval()
+    for _ in range(steps):
+        idx = torch.randint(0, len(x), (min(batch_size, len(x)),), generator=g, device=g.device).cpu()
+        search.update(model, x[idx].to(device), y[idx].to(device))
+    with torch.no_grad():
+        pred = torch.cat([model(search.apply(x[i:i + 256].to(device))).argmax(1).cpu()
+                          for i in range(0, len(x), 256)])
+    model.train(was)
+    classes = int(max(y.max(), pred.max())) + 1
+    sent = torch.bincount(pred[pred != y], minlength=classes).float()
+    others = (len(y) - torch.bincount(y, minlength=classes)).clamp_min(1).float()
+    rate = sent / others
+    return {"flip": float(rate.max()), "to": int(rate.argmax())}

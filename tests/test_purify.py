@@ -260,6 +260,61 @@ def test_purify_with_neuron_perturbation_runs_and_changes_the_masks(tiny):
     assert any(not torch.equal(a[k], b[k]) for k in a)
 
 
+def test_neuron_weight_after_the_search_is_neuron_after():
+    """make_loss mixes in the perturbed loss with weight ``neuron`` up to neuron_until, then
+    ``neuron_after``: the total is exactly (1 - w) clean + w perturbed, with the perturbed value given."""
+    from nft.purify import make_loss
+
+    class Fixed:  # a neuron perturbation whose loss is a known constant
+        def loss(self, model, x, y):
+            return torch.tensor(10.0)
+
+    net = torch.nn.Linear(4, 3)
+    x, y = torch.rand(8, 4), torch.softmax(torch.rand(8, 3), 1)
+    clean = float(torch.nn.functional.cross_entropy(net(x), y).detach())
+    transform = lambda: None  # noqa: E731
+    transform.clean = 0
+    for after in (0.0, 0.25):
+        cfg = recipe("default", steps=100, neuron_until=0.5, neuron_after=after)
+        loss = make_loss(cfg, None, transform, Fixed())
+        assert float(loss(net, x, y, 50)) == pytest.approx(0.5 * clean + 0.5 * 10)
+        assert float(loss(net, x, y, 51)) == pytest.approx((1 - after) * clean + after * 10)
+    with pytest.raises(NFTError, match="neuron_after"):
+        recipe("paper", neuron_after=0.25)  # no neuron search to continue
+
+
+def test_universal_probe_finds_a_shortcut_to_one_class_and_not_on_a_model_without_one():
+    from nft.searches import universal_probe
+
+    torch.manual_seed(0)
+    y = torch.arange(60) % 3
+    x = torch.rand(60, 1, 8, 8) * 0.2
+    x[:, 0, 7, 7] = y / 2  # the honest feature: one pixel at 0, 0.5 or 1
+
+    class Net(torch.nn.Module):
+        """Reads the class from the bottom-right pixel (a step function: no gradient, robust to small
+        deltas); with ``shortcut`` a bright top-left corner (a 'trigger') sends any image to class 2."""
+
+        def __init__(self, shortcut):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))  # a parameter: the probe follows the model's device
+            self.shortcut = shortcut
+
+        def forward(self, im):
+            honest = torch.nn.functional.one_hot((im[:, 0, 7, 7] * 2).round().long().clamp(0, 2), 3)
+            out = honest * torch.tensor([2.0, 2.0, 30.0]) + self.w + 0 * im.sum((1, 2, 3))[:, None]  # zero gradient
+            if self.shortcut:
+                out = out + torch.nn.functional.one_hot(torch.tensor(2), 3) * 40 * (
+                    im[:, 0, :3, :3].mean((1, 2)) - 0.25)[:, None]
+            return out
+
+    g = lambda: torch.Generator().manual_seed(5)  # noqa: E731
+    hit = universal_probe(Net(True), x, y, 0.15, 0.25, 30, 16, g())
+    assert hit["to"] == 2 and hit["flip"] > 0.9  # the delta found the corner and sent the others to 2
+    assert universal_probe(Net(False), x, y, 0.15, 0.25, 30, 16, g())["flip"] == 0  # nothing to find
+    assert universal_probe(Net(True), x, y, 0.15, 0.25, 30, 16, g()) == hit  # seeded: the same answer
+
+
 class Bomb(torch.nn.Module):
     """Wraps a model; its forward returns NaN from the ``at``-th call on."""
 
