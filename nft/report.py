@@ -371,7 +371,9 @@ def mixed_settings(records: list[dict], defense: str) -> str:
     """'' when every cell of ``defense`` ran with the same resolved settings, else what differs.
 
     Cells are compared within one clean-set size: a recipe may resolve differently by size (NFT's
-    one-shot mode), and that is the recipe, not a change between runs."""
+    one-shot mode), and that is the recipe, not a change between runs. A setting missing from some
+    records was added after they ran (a new option's default keeps the old behaviour): only the
+    records that have it are compared."""
     by_size = defaultdict(list)
     for r in records:
         if r["defense"] == defense:
@@ -379,10 +381,11 @@ def mixed_settings(records: list[dict], defense: str) -> str:
     parts = []
     for size, cfgs in sorted(by_size.items(), key=lambda kv: str(kv[0])):
         keys = sorted({k for _, c in cfgs for k in c})
-        for k in [k for k in keys if len({json.dumps(c.get(k), sort_keys=True) for _, c in cfgs}) > 1]:
+        for k in [k for k in keys if len({json.dumps(c[k], sort_keys=True) for _, c in cfgs if k in c}) > 1]:
             seen = defaultdict(list)
             for cid, c in cfgs:
-                seen[json.dumps(c.get(k))].append(cid)
+                if k in c:
+                    seen[json.dumps(c[k])].append(cid)
             where = f" ({size}/class)" if len(by_size) > 1 else ""
             parts.append(f"{k}{where}: " + "; ".join(
                 f"{v} in {len(ids)} cell(s)" + (f" ({ids[0]})" if len(ids) == 1 else "") for v, ids in seen.items()))

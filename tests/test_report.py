@@ -122,6 +122,13 @@ def test_mixed_defense_settings_are_flagged():
     recs[6]["defense_config"] = {"steps": 1000, "lr": 0.05}
     assert mixed_settings(recs, "d1").startswith("steps (50/class): 1000 in 1 cell(s) (a1-d1-50-0); 400 in")
     assert "**warning**: D1 ran with different settings" in settings_md(sections(recs)[0])
+    recs[6]["defense_config"] = {"steps": 400, "lr": 0.05}
+    d1 = [r for r in recs if r["defense"] == "d1" and r["clean_per_class"] == 50]
+    for r in d1[:2]:
+        r["defense_config"]["neuron_after"] = 0.0  # an option added later: absent from the older records
+    assert len(d1) > 2 and mixed_settings(recs, "d1") == ""
+    d1[0]["defense_config"]["neuron_after"] = 0.25  # two recorded values do differ
+    assert mixed_settings(recs, "d1").startswith("neuron_after")
 
 
 def test_settings_that_differ_only_by_clean_set_size_are_not_flagged():
