@@ -152,9 +152,10 @@ def universal_probe(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps_rms:
     frozen ``model`` on the clean images ``(x, y)`` (batches drawn with ``g``), sends them to one class.
 
     Returns ``flip``: the largest, over classes c, fraction of the images not of class c that the
-    delta sends to c, and ``to``: that class. A backdoor is the cheapest universal way to change a
-    model's predictions, so on a model whose backdoor is still open the delta finds it and sends
-    most images to its target; on a clean model the flips it finds are few and spread."""
+    delta sends to c, and ``to``: that class. On a backdoored model the delta finds the backdoor
+    and sends the images to its target. It is a diagnostic, not a stopping rule: on mnist10k models
+    purified by NFT it did not tell an open backdoor from a closed one (a relapsed run 31 % to a
+    non-target class, a clean run 25 %; benchmarks/NOTES.md §14)."""
     device = next(model.parameters()).device
     search = UniversalPerturbation(tuple(x.shape[1:]), eps_rms, step, device, g)
     was = model.training
