@@ -23,7 +23,7 @@ from .engine import Hooks, NonFiniteLoss, cosine_schedule, train
 from .errors import NFTError
 from .masks import Masks, attach, clip_schedule
 from .runtime import Runtime
-from .searches import ImagePerturbation, NeuronPerturbation, UniversalPerturbation
+from .searches import ImagePerturbation, NeuronPerturbation, SparsePerturbation, UniversalPerturbation
 
 
 @dataclass
@@ -44,6 +44,8 @@ class NFTConfig:
     patch_size: tuple = (0.07, 0.25)  # patch side as a fraction of the image side (min, max)
     adv: float = 0.0  # extra images per batch (fraction of it) carrying a universal adversarial perturbation
     adv_eps: float = 0.15  # L2 radius of that perturbation, as an RMS per pixel (radius = eps * sqrt(C*H*W))
+    adv_norm: str = "l2"  # 'l2', or 'l1': an L1 ball of radius adv_eps * C*H*W (adv_eps = mean |delta| per
+    # pixel; steps move the top-gradient pixels by adv_step), where a saturated patch fits (searches.SparsePerturbation)
     adv_step: float = 0.25  # ascent step, as a fraction of the radius (one normalised-gradient step per mask step)
     adv_until: float = 1.0  # fraction of the steps that use the perturbation; the rest only MixUp (recovery)
     adv_after: float = 0.0  # during recovery, this fraction of a batch still carries the perturbation (relapse
@@ -143,6 +145,8 @@ def validate(cfg: NFTConfig) -> NFTConfig:
         (0 <= cfg.cutmix <= 1, "cutmix must be in [0, 1]"),
         (0 <= cfg.hold_below <= 1, "hold_below must be in [0, 1]"),
         (cfg.adv_mode in ("universal", "image"), "adv_mode must be 'universal' or 'image'"),
+        (cfg.adv_norm in ("l2", "l1") and (cfg.adv_norm == "l2" or cfg.adv_mode == "universal"),
+         "adv_norm must be 'l2' or 'l1' (l1 needs adv_mode='universal')"),
         (cfg.adv_mode == "universal" or not (cfg.adv_free or cfg.adv_frozen),
          "adv_free and adv_frozen need adv_mode='universal'"),
         (cfg.adv_image_steps >= 1 and cfg.adv_starts >= 1, "adv_image_steps and adv_starts must be >= 1"),
@@ -209,7 +213,8 @@ def make_transform(cfg: NFTConfig, clean: CleanSet, g: torch.Generator, model: n
     shape = tuple(clean.x.shape[1:])
     adv = None if cfg.adv <= 0 or model is None else (
         ImagePerturbation(shape, cfg.adv_eps, cfg.adv_image_steps, g) if cfg.adv_mode == "image"
-        else UniversalPerturbation(shape, cfg.adv_eps, cfg.adv_step, g.device, g, cfg.adv_starts))
+        else (SparsePerturbation if cfg.adv_norm == "l1" else UniversalPerturbation)(
+            shape, cfg.adv_eps, cfg.adv_step, g.device, g, cfg.adv_starts))
 
     def transform(x, y, step):
         transform.clean = len(x)  # the first images of the batch are clean (MixUp); the rest carry delta

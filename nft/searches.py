@@ -79,6 +79,41 @@ class UniversalPerturbation:
         self.delta = self._ascent(self.delta, leaf.grad)
 
 
+class SparsePerturbation(UniversalPerturbation):
+    """``UniversalPerturbation`` in an L1 ball instead of an L2 one: radius ``eps_mean * C*H*W`` (the
+    mean |delta| per pixel), so a delta can saturate a small patch (a 7x7 one at 0.0625 on 28x28)
+    that an L2 ball of the same pixel cost cannot reach. Each ascent step moves the ``ceil(radius)``
+    coordinates of largest gradient by ``step`` (a fraction of one pixel's range) along the gradient's
+    sign, then projects onto the ball (Duchi et al. 2008), which keeps the delta sparse."""
+
+    def __init__(self, shape, eps_mean: float, step: float, device, g: torch.Generator, starts: int = 1):
+        n = math.prod(shape)
+        self.radius = eps_mean * n
+        self.step, self.k = step, max(1, min(n, math.ceil(self.radius)))
+        d = torch.randn((starts, *shape), generator=g, device=g.device).to(device)
+        self.delta = self._project(d, 0.5 * self.radius, exact=True)
+
+    def _project(self, d: torch.Tensor, radius: float, exact: bool = False) -> torch.Tensor:
+        """Each delta scaled to L1 norm ``radius`` (exact) or projected onto the L1 ball of it."""
+        flat = d.flatten(1)
+        l1 = flat.abs().sum(1, keepdim=True)
+        if exact:
+            return (flat * (radius / (l1 + 1e-12))).view_as(d)
+        u = flat.abs().sort(1, descending=True).values
+        css = u.cumsum(1) - radius
+        j = torch.arange(1, u.shape[1] + 1, device=d.device, dtype=u.dtype)
+        rho = (u - css / j > 0).sum(1, keepdim=True).clamp_min(1)
+        theta = (css.gather(1, rho - 1) / rho).clamp_min(0)
+        out = flat.sign() * (flat.abs() - theta).clamp_min(0)
+        return torch.where(l1 > radius, out, flat).view_as(d)
+
+    def _ascent(self, d: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        g = grad.reshape(len(d), -1)
+        top = g.abs().topk(self.k, dim=1).indices
+        move = torch.zeros_like(g).scatter_(1, top, self.step * g.gather(1, top).sign())
+        return self._project(d + move.view_as(d), self.radius)
+
+
 class ImagePerturbation:
     """A fresh perturbation per image and batch: ``steps`` of L2 PGD from a random start in the ball
     of radius ``eps_rms * sqrt(C*H*W)``, up the clean loss of the current masked model. Unlike the

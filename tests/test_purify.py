@@ -11,7 +11,7 @@ from nft.data import CleanSet, load_dataset
 from nft.errors import NFTError
 from nft.evaluate import evaluate
 from nft.purify import RECIPES, NFTConfig, make_transform, purify, recipe
-from nft.searches import ImagePerturbation, NeuronPerturbation, UniversalPerturbation
+from nft.searches import ImagePerturbation, NeuronPerturbation, SparsePerturbation, UniversalPerturbation
 from nft.trainer import TrainConfig, train_model
 
 
@@ -214,6 +214,50 @@ def test_several_starts_keep_one_delta_per_start_each_in_its_ball():
                               CleanSet(x, y, 3, augment="none"), torch.Generator().manual_seed(1), net)(x, y, 1)[0]) == 7 + 4
 
 
+def test_l1_projection_is_the_nearest_point_of_the_ball():
+    """SparsePerturbation's projection is Euclidean projection onto the L1 ball: a point inside stays,
+    a point outside lands on the sphere at the soft-threshold a bisection finds, one threshold per delta."""
+    u = SparsePerturbation((1, 8, 8), 0.1, 0.25, "cpu", torch.Generator().manual_seed(0), starts=2)
+    assert u.radius == pytest.approx(6.4) and u.k == 7
+    assert u.delta.flatten(1).abs().sum(1).tolist() == pytest.approx([3.2, 3.2])
+    d = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    d[1] *= 0.01  # inside the ball
+    p = u._project(d, u.radius)
+    assert torch.equal(p[1], d[1])
+    assert float(p[0].abs().sum()) == pytest.approx(u.radius, rel=1e-5)
+    lo, hi = 0.0, float(d[0].abs().max())
+    for _ in range(60):
+        t = (lo + hi) / 2
+        lo, hi = (t, hi) if float((d[0].abs() - t).clamp_min(0).sum()) > u.radius else (lo, t)
+    assert torch.allclose(p[0], d[0].sign() * (d[0].abs() - hi).clamp_min(0), atol=1e-5)
+
+
+def test_l1_search_finds_a_patch_trigger_with_a_sparse_delta():
+    """On a model that answers class 1 exactly when a 2x2 corner patch is bright, the L1 search (adv_norm
+    'l1') drives clean images there and its delta ends concentrated on the patch; it stays in the ball."""
+    torch.manual_seed(0)
+    w = torch.zeros(2, 1, 8, 8)
+    w[1, 0, :2, :2] = 4.0
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 2))
+    with torch.no_grad():
+        net[1].weight.copy_(w.flatten(1))
+        net[1].bias.copy_(torch.tensor([4.0, 0.0]))
+    x, y = torch.rand(16, 1, 8, 8) * 0.2, torch.zeros(16, dtype=torch.long)
+    u = SparsePerturbation((1, 8, 8), 4 / 64, 0.25, "cpu", torch.Generator().manual_seed(3))
+    assert (net(u.apply(x)).argmax(1) == 0).all()
+    assert int((u.delta != 0).sum()) == 64
+    for _ in range(20):
+        u.update(net, x, y)
+        assert float(u.delta.abs().sum()) <= u.radius * (1 + 1e-5)
+    assert (net(u.apply(x)).argmax(1) == 1).all()
+    assert int((u.delta != 0).sum()) <= 8  # the projection's soft threshold left a sparse delta
+    assert float(u.delta[0, 0, :2, :2].sum()) > 0.9 * float(u.delta.clamp_min(0).sum())
+    cfg = recipe("default", steps=4, batch_size=8, adv_norm="l1", adv_eps=0.05)
+    assert isinstance(make_transform(cfg, CleanSet(x, torch.arange(16) % 2, 2, augment="none"),
+                                     torch.Generator().manual_seed(1), net).adv,
+                      SparsePerturbation)
+
+
 def test_neuron_perturbation_raises_the_loss_stays_bounded_and_is_removed():
     from nft.masks import attach
 
@@ -346,7 +390,8 @@ def test_nonfinite_loss_keeps_last_good_masks(tiny):
                                  {"oneshot": 3}, {"bn_recal": 0, "oneshot": {"mask_reset": 0.5}}, {"cutmix": 1.5}, {"cutmix": -0.1},
                                  {"adv_mode": "x"}, {"adv_mode": "image", "adv_frozen": True},
                                  {"adv_image_steps": 0}, {"neuron": 1.5}, {"neuron": 0.5, "neuron_steps": 0},
-                                 {"neuron_eps": -0.1}, {"neuron_until": 2}, {"adv_starts": 0}])
+                                 {"neuron_eps": -0.1}, {"neuron_until": 2}, {"adv_starts": 0},
+                                 {"adv_norm": "linf"}, {"adv_norm": "l1", "adv_mode": "image"}])
 def test_invalid_settings_are_refused(bad):
     with pytest.raises(NFTError, match="invalid NFT setting"):
         recipe("default", **bad)
