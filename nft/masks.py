@@ -7,6 +7,8 @@ Where masks go (``where``):
 - ``"auto"``: the above, plus the output channels of every conv/linear layer whose output does not go
   straight into a norm layer (there a norm mask already covers it, and a mask before a norm in train
   mode would be normalised away). The classifier head (the last nn.Linear) is never masked.
+- ``"weight"``: the norm masks, plus one mask per *weight* of every conv/linear layer but the head
+  (finer than a neuron: AWM's granularity; a channel mask is the special case of equal entries).
 
 A mask is a ``torch.nn.utils.parametrize`` parametrization of the layer's weight (and bias, for
 conv/linear), so every mask at 1 leaves the logits bit-for-bit unchanged, and ``fold`` bakes the
@@ -58,7 +60,7 @@ class BiasNoise(nn.Module):
 @dataclass
 class MaskSite:
     name: str  # the module's name in model.named_modules()
-    kind: str  # "norm" or "channel"
+    kind: str  # "norm", "channel" or "weight"
     module: nn.Module
     mask: nn.Parameter
 
@@ -105,10 +107,13 @@ def _followed_by_norm_in_order(model: nn.Module) -> set[str]:
 
 def find_sites(model: nn.Module, where: str = "auto", exclude: str | None = None) -> list[tuple[str, str, nn.Module]]:
     """The maskable layers of ``model`` in module order, as (name, kind, module)."""
-    if where not in ("norm", "auto"):
-        raise NFTError(f"mask placement must be 'norm' or 'auto', not {where!r}")
+    if where not in ("norm", "auto", "weight"):
+        raise NFTError(f"mask placement must be 'norm', 'auto' or 'weight', not {where!r}")
     skip_layers: set[str] = set()
     head = None
+    if where == "weight":
+        linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+        head = linears[-1] if linears else None
     if where == "auto":
         followed = _feeds_only_norms(model)
         skip_layers = followed if followed is not None else _followed_by_norm_in_order(model)
@@ -122,6 +127,8 @@ def find_sites(model: nn.Module, where: str = "auto", exclude: str | None = None
             sites.append((name, "norm", m))
         elif where == "auto" and isinstance(m, LAYER_TYPES) and name not in skip_layers and name != head:
             sites.append((name, "channel", m))
+        elif where == "weight" and isinstance(m, LAYER_TYPES) and name != head:
+            sites.append((name, "weight", m))
     return sites
 
 
@@ -248,7 +255,7 @@ def attach(model: nn.Module, where: str = "auto", exclude: str | None = None, in
     sites = []
     for name, kind, m in found:
         w = m.weight
-        if kind == "norm":
+        if kind in ("norm", "weight"):
             mask = nn.Parameter(torch.full(w.shape, float(init), device=w.device, dtype=torch.float32))
             parametrize.register_parametrization(m, "weight", ChannelMask(mask, w.dim(), full_shape=True), unsafe=True)
         else:

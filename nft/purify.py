@@ -29,7 +29,8 @@ from .searches import ImagePerturbation, NeuronPerturbation, SparsePerturbation,
 @dataclass
 class NFTConfig:
     recipe: str = "default"
-    where: str = "norm"  # mask placement: 'norm' (BN/GN/LN weights, the seed) or 'auto' (+ conv/linear outputs)
+    where: str = "norm"  # mask placement: 'norm' (BN/GN/LN weights, the seed), 'auto' (+ conv/linear outputs) or
+    # 'weight' (+ one mask per conv/linear weight, AWM's granularity; nft.masks)
     clip_alpha: float = 0.8  # lower bound of layer l is clip_alpha * exp(-clip_beta * l) (seed schedule)
     clip_beta: float = 0.5
     l1: float = 1e-3  # weight of ||1 - m||_1
@@ -135,7 +136,7 @@ def validate(cfg: NFTConfig) -> NFTConfig:
     """Reject settings that cannot run (NFTError names the first one)."""
     oneshot = set(cfg.oneshot) if isinstance(cfg.oneshot, dict) else {"?"}
     checks = [
-        (cfg.where in ("norm", "auto"), "where must be 'norm' or 'auto'"),
+        (cfg.where in ("norm", "auto", "weight"), "where must be 'norm', 'auto' or 'weight'"),
         (cfg.steps >= 1, "steps must be >= 1"),
         (cfg.batch_size >= 1, "batch_size must be >= 1"),
         (cfg.lr >= 0 and cfg.eta_min >= 0, "lr and eta_min must be >= 0"),

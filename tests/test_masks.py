@@ -31,15 +31,16 @@ def _randomize_norms(model):
                 m.bias.normal_(0, 0.1)
 
 
+@pytest.mark.parametrize("where", ["auto", "weight"])
 @pytest.mark.parametrize("name", list(_models()))
-def test_ones_exact_and_fold_matches(name):
+def test_ones_exact_and_fold_matches(name, where):
     model, shape = _models()[name]
     _randomize_norms(model)
     model.eval()
     x = torch.rand(shape, generator=torch.Generator().manual_seed(1))
     ref = model(x)
     original_class = type(model.net)
-    masks = attach(model, "auto")
+    masks = attach(model, where)
     assert len(masks.sites) > 0
     assert torch.equal(model(x), ref), "all-ones masks must leave the logits bit-for-bit unchanged"
     # move the masks, check the output changes, then fold and compare
@@ -63,6 +64,21 @@ def test_sites_preact_norm_and_auto():
     assert "net.linear" not in names  # the head is never masked
     assert "net.layer1.0.conv1" not in names  # feeds only bn2
     assert "net.layer1.0.conv2" in names  # feeds a residual add
+
+
+def test_weight_masks_cover_every_weight_but_the_head():
+    model = build_model("preactresnet18", 10, 3, width=8)
+    masks = attach(model, "weight")
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear)) and n != "net.linear"]
+    weights = [s for s in masks.sites if s.kind == "weight"]
+    assert [s.name for s in weights] == [n for n, _ in layers]
+    assert all(s.mask.shape == m.weight.shape for s, (_, m) in zip(weights, layers))
+    assert masks.numel == sum(m.weight.numel() for _, m in layers) + sum(
+        s.mask.numel() for s in masks.sites if s.kind == "norm")
+    with torch.no_grad():  # one weight closed: only that entry of the layer's effective weight is 0
+        weights[0].mask[0, 0, 0, 0] = 0.0
+    w = layers[0][1].weight
+    assert float(w[0, 0, 0, 0]) == 0.0 and bool((w.flatten()[1:] != 0).all())
 
 
 def test_plain_cnn_uses_channel_masks():
