@@ -69,6 +69,8 @@ class NFTConfig:
     # output on interpolated clean images says more than ten hard labels, and it is clean there
     kd_temp: float = 2.0  # softmax temperature of that term (scaled by T^2)
     lr: float = 0.05  # SGD on the masks
+    optimizer: str = "sgd"  # 'sgd' (with momentum) or 'adam' (per-entry step sizes: per-weight masks, where='weight',
+    # get gradients far smaller than a channel's; AWM uses Adam for them)
     momentum: float = 0.95
     steps: int = 1000  # optimizer steps; batches drawn with replacement
     batch_size: int = 128
@@ -141,6 +143,7 @@ def validate(cfg: NFTConfig) -> NFTConfig:
         (cfg.batch_size >= 1, "batch_size must be >= 1"),
         (cfg.lr >= 0 and cfg.eta_min >= 0, "lr and eta_min must be >= 0"),
         (0 <= cfg.momentum < 1, "momentum must be in [0, 1)"),
+        (cfg.optimizer in ("sgd", "adam"), "optimizer must be 'sgd' or 'adam'"),
         (cfg.l1 >= 0, "l1 must be >= 0"),
         (cfg.mixup_alpha >= 0, "mixup_alpha must be >= 0"),
         (0 <= cfg.cutmix <= 1, "cutmix must be in [0, 1]"),
@@ -351,7 +354,8 @@ def purify(model: nn.Module, clean: CleanSet, cfg: NFTConfig | None = None, runt
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
                 m.momentum = cfg.bn_momentum
     lower = clip_schedule(len(masks.sites), cfg.clip_alpha, cfg.clip_beta)
-    opt = torch.optim.SGD(masks.parameters(), lr=cfg.lr, momentum=cfg.momentum)
+    opt = (torch.optim.Adam(masks.parameters(), lr=cfg.lr) if cfg.optimizer == "adam"
+           else torch.optim.SGD(masks.parameters(), lr=cfg.lr, momentum=cfg.momentum))
     l1_weight = cfg.l1 / clean.per_class if cfg.l1_per_class else cfg.l1
     # "Good" = masks and BN statistics whose forward pass gave a finite loss. A step's state is
     # confirmed when the next step's loss comes out finite; on a non-finite loss we roll back to it.

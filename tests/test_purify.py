@@ -304,6 +304,22 @@ def test_purify_with_neuron_perturbation_runs_and_changes_the_masks(tiny):
     assert any(not torch.equal(a[k], b[k]) for k in a)
 
 
+def test_weight_masks_with_adam_purify_and_move_single_weights(tiny):
+    """where='weight' learns one mask per conv weight (beside the norm masks); Adam moves each by
+    about its lr, where SGD at the same lr barely moves a single weight's mask."""
+    rt, data, attack, model, clean = tiny
+    cfg = recipe("default", steps=6, batch_size=32, where="weight", optimizer="adam", lr=0.01)
+    purified, masks, _, ex = purify(model, clean, cfg, rt)
+    state = ex["mask_state"]
+    convs = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)}
+    assert set(convs) <= set(state) and all(state[n].shape == m.weight.shape for n, m in convs.items())
+    step = lambda st: float(torch.cat([(1 - st[n]).abs().flatten() for n in convs]).mean())  # noqa: E731
+    sgd = purify(model, clean, replace(cfg, optimizer="sgd"), rt)[3]["mask_state"]
+    assert step(state) > 10 * step(sgd)  # Adam: per-entry steps of about lr; SGD: lr times a tiny gradient
+    assert ex["num_masks"] == sum(t.numel() for t in state.values())
+    assert not any("parametrizations" in k for k in purified.state_dict())
+
+
 def test_neuron_weight_after_the_search_is_neuron_after():
     """make_loss mixes in the perturbed loss with weight ``neuron`` up to neuron_until, then
     ``neuron_after``: the total is exactly (1 - w) clean + w perturbed, with the perturbed value given."""
@@ -391,7 +407,7 @@ def test_nonfinite_loss_keeps_last_good_masks(tiny):
                                  {"adv_mode": "x"}, {"adv_mode": "image", "adv_frozen": True},
                                  {"adv_image_steps": 0}, {"neuron": 1.5}, {"neuron": 0.5, "neuron_steps": 0},
                                  {"neuron_eps": -0.1}, {"neuron_until": 2}, {"adv_starts": 0},
-                                 {"adv_norm": "linf"}, {"adv_norm": "l1", "adv_mode": "image"}])
+                                 {"adv_norm": "linf"}, {"optimizer": "rmsprop"}, {"adv_norm": "l1", "adv_mode": "image"}])
 def test_invalid_settings_are_refused(bad):
     with pytest.raises(NFTError, match="invalid NFT setting"):
         recipe("default", **bad)
