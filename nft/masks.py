@@ -111,14 +111,12 @@ def find_sites(model: nn.Module, where: str = "auto", exclude: str | None = None
         raise NFTError(f"mask placement must be 'norm', 'auto' or 'weight', not {where!r}")
     skip_layers: set[str] = set()
     head = None
-    if where == "weight":
+    if where in ("auto", "weight"):
         linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
         head = linears[-1] if linears else None
     if where == "auto":
         followed = _feeds_only_norms(model)
         skip_layers = followed if followed is not None else _followed_by_norm_in_order(model)
-        linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-        head = linears[-1] if linears else None
     sites = []
     for name, m in model.named_modules():
         if exclude and re.search(exclude, name):

@@ -31,11 +31,14 @@ class UniversalPerturbation:
     trigger, several rarely all do; each still takes its step from its own images' gradient."""
 
     def __init__(self, shape, eps_rms: float, step: float, device, g: torch.Generator, starts: int = 1):
-        n = math.prod(shape)
-        self.radius = eps_rms * math.sqrt(n)
-        self.step = step * self.radius
+        self._scale(math.prod(shape), eps_rms, step)
         d = torch.randn((starts, *shape), generator=g, device=g.device).to(device)
         self.delta = self._project(d, 0.5 * self.radius, exact=True)
+
+    def _scale(self, n: int, eps: float, step: float) -> None:
+        """The ball's radius and the ascent step for images of ``n`` values."""
+        self.radius = eps * math.sqrt(n)
+        self.step = step * self.radius
 
     _norms = staticmethod(lambda t: _image_norms(t))
 
@@ -80,18 +83,16 @@ class UniversalPerturbation:
 
 
 class SparsePerturbation(UniversalPerturbation):
-    """``UniversalPerturbation`` in an L1 ball instead of an L2 one: radius ``eps_mean * C*H*W`` (the
-    mean |delta| per pixel), so a delta can saturate a small patch (a 7x7 one at 0.0625 on 28x28)
-    that an L2 ball of the same pixel cost cannot reach. Each ascent step moves the ``ceil(radius)``
-    coordinates of largest gradient by ``step`` (a fraction of one pixel's range) along the gradient's
-    sign, then projects onto the ball (Duchi et al. 2008), which keeps the delta sparse."""
+    """``UniversalPerturbation`` in an L1 ball instead of an L2 one: radius ``eps * C*H*W`` (the
+    constructor's ``eps_rms`` is here the mean |delta| per pixel), so a delta can saturate a small patch
+    (a 7x7 one at 0.0625 on 28x28) that an L2 ball of the same pixel cost cannot reach. Each ascent
+    step moves the ``ceil(radius)`` coordinates of largest gradient by ``step`` (a fraction of one
+    pixel's range) along the gradient's sign, then projects onto the ball (Duchi et al. 2008), which
+    keeps the delta sparse."""
 
-    def __init__(self, shape, eps_mean: float, step: float, device, g: torch.Generator, starts: int = 1):
-        n = math.prod(shape)
-        self.radius = eps_mean * n
+    def _scale(self, n: int, eps: float, step: float) -> None:
+        self.radius = eps * n
         self.step, self.k = step, max(1, min(n, math.ceil(self.radius)))
-        d = torch.randn((starts, *shape), generator=g, device=g.device).to(device)
-        self.delta = self._project(d, 0.5 * self.radius, exact=True)
 
     def _project(self, d: torch.Tensor, radius: float, exact: bool = False) -> torch.Tensor:
         """Each delta scaled to L1 norm ``radius`` (exact) or projected onto the L1 ball of it."""
