@@ -171,12 +171,13 @@ def run_defense(root: str, cell: CellSpec, opts: RunOptions, save_model: bool = 
     cfg = dict(cell.defense_set)
     if variant:
         cfg.setdefault("recipe", variant)
-    monitor_seconds = [0.0]
+    monitor_seconds = [0.0, 0.0]  # wall-clock, CPU
 
     def monitor(m):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         out = evaluate(m, data.test, runtime=rt, poisoned=poisoned)
         monitor_seconds[0] += time.perf_counter() - t0
+        monitor_seconds[1] += time.process_time() - c0
         return out
 
     rt.seed_everything()
@@ -190,6 +191,7 @@ def run_defense(root: str, cell: CellSpec, opts: RunOptions, save_model: bool = 
     rec.update(acc=after["acc"], asr=after.get("asr"), ra=after.get("ra"), clean_images=len(clean),
                der=der(before["acc"], before["asr"], after["acc"], after["asr"]) if "asr" in after else None,
                seconds=max(0.0, cost.seconds - monitor_seconds[0]), monitor_seconds=monitor_seconds[0],
+               cpu_seconds=max(0.0, cost.cpu_seconds - monitor_seconds[1]),
                peak_mb=cost.peak_mb, defense_config=extras.pop("config", cfg),
                extras={k: v for k, v in extras.items() if _jsonable(v) and k != "mask_layout"},
                history=[{k: h[k] for k in ("step", "acc", "asr", "ra", "loss") if k in h}

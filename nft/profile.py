@@ -1,4 +1,8 @@
-"""Wall-clock time and peak memory of a block: CUDA allocator peak on GPU, sampled RSS on CPU."""
+"""Wall-clock time, CPU time and peak memory of a block: CUDA allocator peak on GPU, sampled RSS on CPU.
+
+CPU time is this process's (all its threads'). On a shared CPU machine it does not grow with the
+other processes' load the way wall-clock time does, so cells run under different loads compare
+by it (at one thread per process it is about the wall-clock time the block takes alone)."""
 from __future__ import annotations
 
 import os
@@ -19,12 +23,14 @@ def _rss_bytes() -> int:
 
 
 class measure:
-    """``with measure(device) as m: ...`` then ``m.seconds`` and ``m.peak_mb`` (peak above the start)."""
+    """``with measure(device) as m: ...`` then ``m.seconds``, ``m.cpu_seconds`` and ``m.peak_mb`` (peak
+    above the start)."""
 
     def __init__(self, device: str | torch.device = "cpu", interval: float = 0.01):
         self.device = torch.device(device)
         self.interval = interval
         self.seconds = 0.0
+        self.cpu_seconds = 0.0
         self.peak_mb = 0.0
 
     def __enter__(self):
@@ -38,7 +44,7 @@ class measure:
             self._peak = self._base
             self._thread = threading.Thread(target=self._sample, daemon=True)
             self._thread.start()
-        self._t0 = time.perf_counter()
+        self._t0, self._c0 = time.perf_counter(), time.process_time()
         return self
 
     def _sample(self):
@@ -54,5 +60,6 @@ class measure:
             self._thread.join()
             peak = max(self._peak, _rss_bytes())
         self.seconds = time.perf_counter() - self._t0
+        self.cpu_seconds = time.process_time() - self._c0
         self.peak_mb = max(0, peak - self._base) / 2**20
         return False

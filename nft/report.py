@@ -304,13 +304,13 @@ def summary_csv(secs: list[Section]) -> str:
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(["dataset", "model", "model_kwargs", "attack", "defense", "clean_per_class", "seeds"] +
-               [f"{m}_{s}" for m in METRICS + ("train_seconds",) for s in ("mean", "std")])
+               [f"{m}_{s}" for m in METRICS + ("cpu_seconds", "train_seconds") for s in ("mean", "std")])
     for sec in secs:
         for (a, d, n), recs in sorted(group(sec.records).items(), key=lambda kv: str(kv[0])):
             r0 = recs[0]
             row = [r0["dataset"], r0["model"], json.dumps(r0.get("model_kwargs") or {}, sort_keys=True), a, d,
                    "" if n is None else n, " ".join(str(r["seed"]) for r in sorted(recs, key=lambda r: r["seed"]))]
-            for m in METRICS + ("train_seconds",):
+            for m in METRICS + ("cpu_seconds", "train_seconds"):
                 mu, sd, _ = mean_std(r.get(m) for r in recs)
                 row += [_num(mu), _num(sd)]
             w.writerow(row)

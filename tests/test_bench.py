@@ -79,6 +79,9 @@ def test_record_schema(grid):
             continue
         assert r["clean_images"] == 10 * r["clean_per_class"]
         assert r["seconds"] > 0 and r["peak_mb"] >= 0
+        # CPU time of this process (one thread): positive, and not above the wall-clock by more than
+        # the sampler's share
+        assert 0 < r["cpu_seconds"] <= 1.5 * r["seconds"] + 0.5
         assert r["defense_config"]["steps"] == 12 and r["defense_config"]["recipe"] == r["defense"].split(":")[1]
         assert [h["step"] for h in r["history"]] == [0, 4, 8, 12]
         assert all("acc" in h for h in r["history"])

@@ -235,6 +235,16 @@ def test_claims_table_checks_targets_and_pairs_cells():
     assert rows["ASR drop larger than IBAU's"] == ["99.00 vs 90.00", "met", "1/2"]
     assert rows["ACC drop smaller than IBAU's"] == ["0.00 vs 10.00", "met", "1/2"]
     assert rows["less time than IBAU"] == ["20.0 s vs 10.0 s", "**not met**", "1/2"]
+    # no cell recorded CPU seconds: no CPU row
+    assert "less CPU time than IBAU" not in rows
+    # CPU seconds compare only the cells where both defenses recorded them (a1 seed 0 here)
+    for r in recs:
+        if r["defense"] == "ibau":
+            r["cpu_seconds"] = 12.0
+        elif r["defense"] == "nft:default" and r["seed"] == 0 and r["attack"] == "a1" and r["clean_per_class"] == 50:
+            r["cpu_seconds"] = 8.0
+    rows = {r[0]: r[1:] for r in claims_table(sections(recs)[0]).rows}
+    assert rows["less CPU time than IBAU"] == ["8.0 s vs 12.0 s", "met", "1/2"]
     # no NFT default in the records: no claims table
     assert claims_table(sections([r for r in recs if r["defense"] != "nft:default"])[0]) is None
 
