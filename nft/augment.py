@@ -141,6 +141,28 @@ def affine(x: torch.Tensor, g: torch.Generator | None = None, degrees: float = 1
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
+def half_mix(xa: torch.Tensor, xb: torch.Tensor, g: torch.Generator, jitter: int) -> torch.Tensor:
+    """Float (N, C, H, W) pairs -> half-and-half composites, cut as CBA's HalfMixer cuts them
+    (nft.attacks.cba): the two images swapped at random, the split vertical or horizontal at random,
+    the first part W/2 + j wide (j uniform in [-jitter, jitter]), each part cut at a random offset of
+    up to ``jitter`` px. Scalars are drawn from ``g`` (a CPU generator)."""
+    out = torch.empty_like(xa)
+    for i in range(len(xa)):
+        a, b = (xa[i], xb[i]) if torch.rand((), generator=g) < 0.5 else (xb[i], xa[i])
+        vertical = bool(torch.rand((), generator=g) < 0.5)
+        if not vertical:
+            a, b = a.transpose(1, 2), b.transpose(1, 2)
+        w = a.shape[2]
+        j = int(torch.randint(-jitter, jitter + 1, (), generator=g)) if jitter else 0
+        cut = min(w - 1, max(1, w // 2 + j))
+        sa = int(torch.randint(0, jitter + 1, (), generator=g)) if jitter else 0
+        sb = int(torch.randint(0, jitter + 1, (), generator=g)) if jitter else 0
+        sa, sb = min(sa, w - cut), min(sb, cut)
+        o = torch.cat([a[:, :, sa:sa + cut], b[:, :, cut - sb:w - sb]], 2)
+        out[i] = o if vertical else o.transpose(1, 2)
+    return out
+
+
 def train_transform(name: str) -> Callable[[torch.Tensor, torch.Generator | None], torch.Tensor]:
     """The standard train-time augmentation of a dataset: 'shift' (digits), 'crop', 'crop_flip', 'none',
     or 'affine' / 'affine_flip' (random affine maps, for tiny clean sets)."""

@@ -23,7 +23,7 @@ from .engine import Hooks, NonFiniteLoss, cosine_schedule, train
 from .errors import NFTError
 from .masks import Masks, attach, clip_schedule
 from .runtime import Runtime
-from .searches import ImagePerturbation, NeuronPerturbation, SparsePerturbation, UniversalPerturbation
+from .searches import ImagePerturbation, NeuronPerturbation, SparsePerturbation, UniversalPerturbation, composite_probe
 
 
 @dataclass
@@ -52,6 +52,9 @@ class NFTConfig:
     adv_after: float = 0.0  # during recovery, this fraction of a batch still carries the perturbation (relapse
     # guard, benchmarks/NOTES.md §5); adv_frozen: frozen where the search left it, else the search goes on
     adv_frozen: bool = False
+    adv_loss: str = "ce"  # on the perturbed images: 'ce', cross-entropy to their true labels; 'away', only
+    # -log(1 - p_t) for t the class the perturbation sends most of them to (not the classes of the images the
+    # perturbation leaves alone): the masks must stop the push to t, not read the true digit through a large delta
     adv_free: bool = False  # take the perturbation's ascent step from the mask step's own backward pass (the
     # gradient of the training loss on the perturbed images, "free" adversarial training, Shafahi et al. 2019)
     # instead of a separate forward/backward in eval mode: the same search for about a fifth less time
@@ -65,6 +68,12 @@ class NFTConfig:
     neuron_after: float = 0.0  # its weight after neuron_until (a neuron-space relapse guard during recovery)
     neuron_part: str = "all"  # images of the batch the perturbed loss sees: 'all', or 'adv' (only those carrying
     # the input perturbation: about a third of the extra cost; every image when a batch has none)
+    composites: float = 0.0  # extra images per batch (fraction of it): half-and-half composites of two clean images
+    # of a pair of classes that searches.composite_probe (run first; 0 = off) finds the model reads as a third class
+    # (a composite backdoor, CBA), labelled half one class and half the other; none found = nothing changes
+    composite_share: float = 0.7  # the probe flags a pair when this share of its composites go to one third class
+    composite_k: int = 64  # composites the probe makes per pair
+    composite_found: dict = field(default_factory=dict)  # settings that apply when the probe flags a pair
     kd: float = 0.0  # weight of KL(original || masked) on the clean (MixUp) images: the original model's full
     # output on interpolated clean images says more than ten hard labels, and it is clean there
     kd_temp: float = 2.0  # softmax temperature of that term (scaled by T^2)
@@ -137,6 +146,7 @@ def recipe(name: str = "default", **overrides) -> NFTConfig:
 def validate(cfg: NFTConfig) -> NFTConfig:
     """Reject settings that cannot run (NFTError names the first one)."""
     oneshot = set(cfg.oneshot) if isinstance(cfg.oneshot, dict) else {"?"}
+    found = set(cfg.composite_found) if isinstance(cfg.composite_found, dict) else {"?"}
     checks = [
         (cfg.where in ("norm", "auto", "weight"), "where must be 'norm', 'auto' or 'weight'"),
         (cfg.steps >= 1, "steps must be >= 1"),
@@ -151,6 +161,7 @@ def validate(cfg: NFTConfig) -> NFTConfig:
         (cfg.adv_mode in ("universal", "image"), "adv_mode must be 'universal' or 'image'"),
         (cfg.adv_norm in ("l2", "l1") and (cfg.adv_norm == "l2" or cfg.adv_mode == "universal"),
          "adv_norm must be 'l2' or 'l1' (l1 needs adv_mode='universal')"),
+        (cfg.adv_loss in ("ce", "away"), "adv_loss must be 'ce' or 'away'"),
         (cfg.adv_mode == "universal" or not (cfg.adv_free or cfg.adv_frozen),
          "adv_free and adv_frozen need adv_mode='universal'"),
         (cfg.adv_image_steps >= 1 and cfg.adv_starts >= 1, "adv_image_steps and adv_starts must be >= 1"),
@@ -170,10 +181,20 @@ def validate(cfg: NFTConfig) -> NFTConfig:
         (isinstance(cfg.oneshot, dict) and not oneshot & {"recipe", "oneshot", "oneshot_upto"},
          "oneshot must be a dict of other settings"),
         (oneshot <= set(NFTConfig.field_names()), f"unknown setting(s) in oneshot: {sorted(oneshot)}"),
+        (0 <= cfg.composites <= 1 and 0 < cfg.composite_share <= 1 and cfg.composite_k >= 1,
+         "composites in [0, 1], composite_share in (0, 1], composite_k >= 1"),
+        (isinstance(cfg.composite_found, dict) and not found & {"recipe", "oneshot", "oneshot_upto", "composite_found"},
+         "composite_found must be a dict of other settings"),
+        (found <= set(NFTConfig.field_names()), f"unknown setting(s) in composite_found: {sorted(found)}"),
     ]
     for ok, msg in checks:
         if not ok:
             raise NFTError(f"invalid NFT setting: {msg}")
+    if cfg.composite_found:
+        try:
+            validate(replace(cfg, composite_found={}, **cfg.composite_found))
+        except NFTError as e:
+            raise NFTError(f"{e} (with composite_found={cfg.composite_found})") from None
     if cfg.oneshot:
         try:
             validate(replace(cfg, oneshot={}, **cfg.oneshot))
@@ -210,9 +231,13 @@ def _scheduler(opt, cfg: NFTConfig):
     raise NFTError(f"unknown schedule {cfg.schedule!r}")
 
 
-def make_transform(cfg: NFTConfig, clean: CleanSet, g: torch.Generator, model: nn.Module | None = None):
+def make_transform(cfg: NFTConfig, clean: CleanSet, g: torch.Generator, model: nn.Module | None = None,
+                   pairs: list | None = None, gc: torch.Generator | None = None):
     """standard augmentation -> random noise patches (optional) -> MixUp, plus (optional) extra
-    images carrying a universal adversarial perturbation with their true labels."""
+    images carrying a universal adversarial perturbation with their true labels, plus (``pairs``
+    from ``composite_probe``, drawn with the CPU generator ``gc``) ``cfg.composites`` of a batch of
+    half-and-half composites of those pairs' clean images, labelled half each class, at the end
+    (``transform.extra`` of them)."""
     base = A.train_transform(cfg.augment or clean.augment)
     shape = tuple(clean.x.shape[1:])
     adv = None if cfg.adv <= 0 or model is None else (
@@ -239,9 +264,22 @@ def make_transform(cfg: NFTConfig, clean: CleanSet, g: torch.Generator, model: n
                 xa = adv.update(model, x[:k], y[:k])
             xm = torch.cat([xm, xa])
             ym = torch.cat([ym, A.soft_targets(y[:k], clean.num_classes)])
+        transform.extra = 0
+        if pairs:
+            n = max(1, round(cfg.composites * len(x)))
+            which = torch.randint(0, len(pairs), (n,), generator=gc)
+            pick = lambda c: members[c][torch.randint(0, len(members[c]), (1,), generator=gc)]  # noqa: E731
+            ia = torch.cat([pick(pairs[int(i)][0]) for i in which])
+            ib = torch.cat([pick(pairs[int(i)][1]) for i in which])
+            comp = A.half_mix(clean.x[ia], clean.x[ib], gc, jitter).to(xm.device)
+            yc = 0.5 * (A.soft_targets(clean.y[ia], clean.num_classes) + A.soft_targets(clean.y[ib], clean.num_classes))
+            xm, ym = torch.cat([xm, comp]), torch.cat([ym, yc.to(ym.device)])
+            transform.extra = n
         return xm, ym
 
-    transform.clean = 0
+    members = {c: (clean.y == c).nonzero().flatten() for c in {c for p in pairs or [] for c in p[:2]}}
+    jitter = round(3 * min(shape[1:]) / 32)
+    transform.clean = transform.extra = 0
     transform.adv = adv
     return transform
 
@@ -249,9 +287,11 @@ def make_transform(cfg: NFTConfig, clean: CleanSet, g: torch.Generator, model: n
 def make_loss(cfg: NFTConfig, teacher: nn.Module | None, transform, neurons: NeuronPerturbation | None = None):
     """Cross-entropy on soft targets, plus (``cfg.kd`` > 0) distillation from the original model on
     the clean part of the batch only (on images that carry the perturbation it would teach the
-    backdoor), mixed (``cfg.neuron`` > 0) with the loss under adversarial neuron perturbation."""
+    backdoor), mixed (``cfg.neuron`` > 0) with the loss under adversarial neuron perturbation.
+    ``cfg.adv_loss='away'``: the images that carry the input perturbation get ``away_loss`` instead."""
     kd = cfg.kd and teacher is not None
-    if not kd and neurons is None:
+    away = cfg.adv_loss == "away"
+    if not kd and neurons is None and not away:
         return None
     T = cfg.kd_temp
     neuron_to = cfg.neuron_until * cfg.steps
@@ -259,22 +299,43 @@ def make_loss(cfg: NFTConfig, teacher: nn.Module | None, transform, neurons: Neu
     def loss(model, x, y, step):
         w = cfg.neuron if step <= neuron_to else cfg.neuron_after
         perturbed = neurons is not None and w > 0
+        c, e = transform.clean, getattr(transform, "extra", 0)
+        split = away and 0 < c < len(x) - e  # rows c: len(x) - e carry the perturbation, the last e are composites
         k = transform.clean if cfg.neuron_part == "adv" and 0 < transform.clean < len(x) else 0
-        if perturbed and w == 1 and not kd and not k:  # the unperturbed loss has weight 0: skip its pass
+        if perturbed and w == 1 and not kd and not k and not split:  # the unperturbed loss has weight 0: skip its pass
             return neurons.loss(model, x, y)
         out = model(x)
-        total = nn.functional.cross_entropy(out, y)
+        if split:
+            n = len(x)
+            total = c * nn.functional.cross_entropy(out[:c], y[:c]) + (n - c - e) * away_loss(out[c:n - e], y[c:n - e])
+            if e:
+                total = total + e * nn.functional.cross_entropy(out[n - e:], y[n - e:])
+            total = total / n
+        else:
+            total = nn.functional.cross_entropy(out, y)
         if kd:
             c = transform.clean
             with torch.no_grad():
                 p = nn.functional.softmax(teacher(x[:c]) / T, 1)
             kl = nn.functional.kl_div(nn.functional.log_softmax(out[:c] / T, 1), p, reduction="batchmean")
             total = total + cfg.kd * T * T * kl
-        if perturbed:
-            total = (1 - w) * total + w * neurons.loss(model, x[k:], y[k:])
+        if perturbed:  # with the 'away' loss the neuron search sees the clean rows only
+            total = (1 - w) * total + w * (neurons.loss(model, x[:c], y[:c]) if split else neurons.loss(model, x[k:], y[k:]))
         return total
 
     return loss
+
+
+def away_loss(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """-log(1 - p_t), averaged over the images not of class t, where t is the class most of these
+    (perturbed) images are predicted as: what a universal perturbation that finds a backdoor does is
+    send them to its target; this undoes only that. ``y``: labels or soft targets (argmax = label)."""
+    p = nn.functional.softmax(out, 1)
+    t = int(torch.mode(out.detach().argmax(1)).values)
+    keep = (y.argmax(1) if y.dim() == 2 else y) != t
+    if not keep.any():
+        return out.sum() * 0.0
+    return -torch.log((1 - p[keep, t]).clamp_min(1e-6)).mean()
 
 
 @torch.no_grad()
@@ -348,6 +409,12 @@ def purify(model: nn.Module, clean: CleanSet, cfg: NFTConfig | None = None, runt
     original, model = model, copy.deepcopy(model).to(runtime.torch_device)
     for p in model.parameters():
         p.requires_grad_(False)
+    probe = None
+    if cfg.composites > 0:  # on the model as given, before any mask
+        probe = composite_probe(model, clean.x, clean.y, clean.num_classes, cfg.composite_k, cfg.composite_share,
+                                runtime.generator(707))
+        if probe["pairs"] and cfg.composite_found:
+            cfg = replace(cfg, **cfg.composite_found)
     masks = attach(model, cfg.where)
     if cfg.bn_momentum is not None:
         for m in model.modules():
@@ -362,7 +429,8 @@ def purify(model: nn.Module, clean: CleanSet, cfg: NFTConfig | None = None, runt
     snapshot = lambda: (masks.state_dict(), {k: b.detach().clone() for k, b in model.named_buffers()})  # noqa: E731
     good, pending = snapshot(), None
 
-    transform = make_transform(cfg, clean, runtime.generator(303, device=runtime.device), model)
+    transform = make_transform(cfg, clean, runtime.generator(303, device=runtime.device), model,
+                               probe and probe["pairs"], runtime.generator(708))
 
     held = None  # (which entries, their values) per site, once the search has ended (hold_below)
     hold_from = max(1, round(cfg.adv_until * cfg.steps)) if cfg.hold_below > 0 else None
@@ -417,7 +485,7 @@ def purify(model: nn.Module, clean: CleanSet, cfg: NFTConfig | None = None, runt
     mask_state = masks.state_dict()
     extras = {"seconds": time.perf_counter() - t0, "mask_layout": masks.layout(), "num_masks": masks.numel,
               "masks_below_0.5": int((masks.values() < 0.5).sum()), "masks_reset": reset, "config": asdict(cfg),
-              "stopped": stopped,
+              "stopped": stopped, **({"composite_probe": probe} if probe is not None else {}),
               "mask_state": mask_state}
     masks.fold()
     return model, masks, history, extras

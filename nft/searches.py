@@ -4,6 +4,9 @@ In input space, a perturbation of the clean images pushed up the loss: one unive
 (``UniversalPerturbation``) or one per image (``ImagePerturbation``). In neuron space, a relative
 perturbation of every mask and norm bias pushed up the loss (``NeuronPerturbation``, ANP's). A
 backdoor is the cheapest way to change a backdoored model's predictions, so each drifts toward it.
+In the space of compositions of two clean images, ``composite_probe`` looks for a pair of classes
+whose half-and-half composites the model reads as a third (a composite backdoor, which no pixel
+perturbation of one image describes).
 """
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ import math
 import torch
 import torch.nn as nn
 
+from .augment import half_mix
 from .masks import Masks
 
 
@@ -208,3 +212,44 @@ def universal_probe(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps_rms:
     others = (len(y) - torch.bincount(y, minlength=classes)).clamp_min(1).float()
     rate = sent / others
     return {"flip": float(rate.max()), "to": int(rate.argmax())}
+
+
+@torch.no_grad()
+def composite_probe(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int, k: int, share: float,
+                    g: torch.Generator, max_pairs: int = 1000, batch_size: int = 256) -> dict:
+    """A search for a composite backdoor (CBA: half an image of class a next to half an image of
+    class b is read as a third class c): for every pair of classes {a, b} of the clean images
+    ``(x, y)``, ``k`` half-and-half composites (``augment.half_mix``, one image of a and one of b drawn
+    with the CPU generator ``g``), and the largest share of them ``model`` sends to one class c other
+    than a and b. A pair at ``share`` or more flags c; every pair whose composites go to a flagged c
+    at half that share or more is returned. On mnist10k the CBA model sends 95 % of its pair's
+    composites to the target, the 17 other models at most 47 % of any pair's (52 % with one image
+    per class) to one class (benchmarks/NOTES.md §16).
+
+    Returns ``pairs``: [(a, b, c, share)] (empty: nothing flagged), ``top``: the pair of largest
+    share, ``probed``: how many pairs (at most ``max_pairs``, drawn with ``g`` when there are more)."""
+    device = next(model.parameters()).device
+    present = sorted(int(c) for c in torch.unique(y))
+    pairs = [(a, b) for i, a in enumerate(present) for b in present[i + 1:]]
+    if len(pairs) > max_pairs:
+        pairs = [pairs[int(i)] for i in torch.randperm(len(pairs), generator=g)[:max_pairs]]
+    jitter = round(3 * min(x.shape[-2:]) / 32)
+    was = model.training
+    model.eval()
+    rows = []
+    try:
+        for a, b in pairs:
+            ia, ib = (y == a).nonzero().flatten(), (y == b).nonzero().flatten()
+            xa = x[ia[torch.randint(0, len(ia), (k,), generator=g)]]
+            xb = x[ib[torch.randint(0, len(ib), (k,), generator=g)]]
+            comp = half_mix(xa, xb, g, jitter)
+            pred = torch.cat([model(comp[i:i + batch_size].to(device)).argmax(1).cpu() for i in range(0, k, batch_size)])
+            rate = torch.bincount(pred, minlength=num_classes).float() / k
+            rate[[a, b]] = -1.0
+            rows.append((a, b, int(rate.argmax()), float(rate.max())))
+    finally:
+        model.train(was)
+    flagged = {c for a, b, c, s in rows if s >= share}
+    found = [r for r in rows if r[2] in flagged and r[3] >= share / 2]
+    return {"pairs": sorted(found, key=lambda r: -r[3]), "top": max(rows, key=lambda r: r[3]) if rows else None,
+            "probed": len(rows)}

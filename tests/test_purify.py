@@ -343,6 +343,117 @@ def test_neuron_weight_after_the_search_is_neuron_after():
         recipe("paper", neuron_after=0.25)  # no neuron search to continue
 
 
+def test_away_loss_pushes_only_the_perturbations_class_down():
+    """away_loss is -log(1 - p_t) over the images not of t, t the class most are predicted as; the
+    'away' loss gives it to the rows after ``transform.clean`` and cross-entropy to the clean rows."""
+    from nft.purify import away_loss, make_loss
+
+    out = torch.tensor([[0.0, 3.0, 0.0], [0.0, 2.0, 1.0], [0.0, 4.0, 0.0], [5.0, 0.0, 0.0]], requires_grad=True)
+    y = torch.tensor([0, 2, 1, 0])  # t = 1 (three of four predicted 1); the image of class 1 does not count
+    p = torch.softmax(out, 1)
+    want = -(torch.log(1 - p[0, 1]) + torch.log(1 - p[1, 1]) + torch.log(1 - p[3, 1])) / 3
+    got = away_loss(out, torch.nn.functional.one_hot(y, 3).float())
+    assert float(got.detach()) == pytest.approx(float(want.detach()))
+    (grad,) = torch.autograd.grad(got, out)
+    assert (grad[:, 1][[0, 1, 3]] > 0).all() and (grad[[0, 1, 3]][:, [0, 2]] <= 0).all()  # only t is pushed down
+    assert grad[2].abs().sum() == 0  # the image of class t is left alone
+    # every image is of class t: nothing to push, a zero loss that still backpropagates
+    assert float(away_loss(out, torch.ones(4, dtype=torch.long))) == 0.0
+
+    net = torch.nn.Linear(4, 3)
+    x, yy = torch.rand(6, 4), torch.nn.functional.one_hot(torch.tensor([0, 1, 2, 0, 1, 2]), 3).float()
+    transform = lambda: None  # noqa: E731
+    transform.clean = 4  # rows 4: carry the perturbation
+    cfg = recipe("paper", adv_loss="away")
+    o = net(x)
+    expect = (4 * torch.nn.functional.cross_entropy(o[:4], yy[:4]) + 2 * away_loss(o[4:], yy[4:])) / 6
+    assert float(make_loss(cfg, None, transform)(net, x, yy, 1).detach()) == pytest.approx(float(expect.detach()))
+    transform.clean = 6  # no perturbed rows: plain cross-entropy
+    assert float(make_loss(cfg, None, transform)(net, x, yy, 1).detach()) == pytest.approx(
+        float(torch.nn.functional.cross_entropy(o, yy).detach()))
+
+
+def test_purify_with_the_away_loss_runs_and_differs(tiny):
+    rt, data, attack, model, clean = tiny
+    cfg = recipe("default", steps=8, batch_size=32)
+    a = purify(model, clean, cfg, rt)[3]["mask_state"]
+    b = purify(model, clean, replace(cfg, adv_loss="away"), rt)[3]["mask_state"]
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+
+
+class _CompositeToy(torch.nn.Module):
+    """Images of class c are constant c / 10. The model reads an image as the class of its top-left
+    pixel, except that an image holding both the values of classes 1 and 2 is read as 0: a composite
+    backdoor with pair {1, 2} and target 0."""
+
+    def __init__(self):
+        super().__init__()
+        self.dummy = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, x):
+        q = (x * 10).round().long().flatten(1)
+        pred = q[:, 0].clone()
+        both = ((q == 1).any(1) & (q == 2).any(1))
+        pred[both] = 0
+        return torch.nn.functional.one_hot(pred, 10).float() + 0 * self.dummy
+
+
+def _constant_clean(per_class=3):
+    y = torch.arange(10).repeat_interleave(per_class)
+    return CleanSet(y.float().view(-1, 1, 1, 1).expand(-1, 1, 8, 8) / 10, y, 10, augment="shift")
+
+
+def test_composite_probe_flags_the_pair_a_model_reads_as_a_third_class():
+    from nft.searches import composite_probe
+
+    clean = _constant_clean()
+    out = composite_probe(_CompositeToy(), clean.x, clean.y, 10, 16, 0.7, torch.Generator().manual_seed(0))
+    assert out["probed"] == 45 and out["pairs"] == [(1, 2, 0, 1.0)] and out["top"] == (1, 2, 0, 1.0)
+    # pairs beyond max_pairs: a random subset is probed
+    assert composite_probe(_CompositeToy(), clean.x, clean.y, 10, 4, 0.7, torch.Generator().manual_seed(0),
+                           max_pairs=10)["probed"] == 10
+
+
+def test_composites_join_the_batch_labelled_half_each_class():
+    clean = _constant_clean()
+    cfg = recipe("paper", composites=0.25)
+    t = make_transform(cfg, clean, torch.Generator().manual_seed(0), None, [(1, 2, 0, 1.0)], torch.Generator().manual_seed(1))
+    x, y = t(clean.x[:8], clean.y[:8], 1)
+    assert t.extra == 2 and len(x) == 10
+    for img, lab in zip(x[-2:], y[-2:]):
+        assert set((img * 10).round().long().unique().tolist()) == {1, 2}  # one half of each class
+        assert torch.allclose(lab, 0.5 * torch.nn.functional.one_hot(torch.tensor(1), 10).float()
+                              + 0.5 * torch.nn.functional.one_hot(torch.tensor(2), 10).float())
+    t = make_transform(cfg, clean, torch.Generator().manual_seed(0), None, [], None)  # nothing flagged
+    assert len(t(clean.x[:8], clean.y[:8], 1)[0]) == 8 and t.extra == 0
+
+
+def test_composite_probe_that_finds_nothing_changes_nothing(tiny, monkeypatch):
+    """The probe leaves the model as it was (eval mode, no gradient, its own generator); when it flags
+    no pair, NFT's masks are bit for bit those of a run without it; when it flags one,
+    composite_found's settings apply. (The tiny BadNets model here, 3 epochs on 2,400 images, reads
+    the composites of most pairs as its target: a weak model's shortcut, flagged.)"""
+    import nft.purify as P
+    from nft.searches import composite_probe
+
+    rt, data, attack, model, clean = tiny
+    m = copy.deepcopy(model).train()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    composite_probe(m, clean.x, clean.y, 10, 8, 0.7, torch.Generator().manual_seed(0))
+    assert m.training and all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+    cfg = recipe("default", steps=6, batch_size=32)
+    a = purify(model, clean, cfg, rt)[3]
+    found = {"where": "weight", "optimizer": "adam", "lr": 0.01}
+    monkeypatch.setattr(P, "composite_probe", lambda *args: {"pairs": [], "top": None, "probed": 45})
+    b = purify(model, clean, replace(cfg, composites=0.25, composite_found=found), rt)[3]
+    assert b["composite_probe"]["pairs"] == [] and b["config"]["where"] == "auto"
+    assert all(torch.equal(a["mask_state"][k], b["mask_state"][k]) for k in a["mask_state"])
+    monkeypatch.setattr(P, "composite_probe", lambda *args: {"pairs": [(1, 2, 0, 1.0)], "top": (1, 2, 0, 1.0), "probed": 45})
+    c = purify(model, clean, replace(cfg, composites=0.25, composite_found=found), rt)[3]
+    assert c["config"]["where"] == "weight" and c["config"]["optimizer"] == "adam" and c["config"]["lr"] == 0.01
+    assert set(c["mask_state"]) > set(a["mask_state"])  # per-weight masks beside the channel ones
+
+
 def test_universal_probe_finds_a_shortcut_to_one_class_and_not_on_a_model_without_one():
     from nft.searches import universal_probe
 
@@ -407,7 +518,10 @@ def test_nonfinite_loss_keeps_last_good_masks(tiny):
                                  {"adv_mode": "x"}, {"adv_mode": "image", "adv_frozen": True},
                                  {"adv_image_steps": 0}, {"neuron": 1.5}, {"neuron": 0.5, "neuron_steps": 0},
                                  {"neuron_eps": -0.1}, {"neuron_until": 2}, {"adv_starts": 0},
-                                 {"adv_norm": "linf"}, {"optimizer": "rmsprop"}, {"adv_norm": "l1", "adv_mode": "image"}])
+                                 {"adv_norm": "linf"}, {"optimizer": "rmsprop"}, {"adv_norm": "l1", "adv_mode": "image"},
+                                 {"adv_loss": "kl"}, {"composites": 2}, {"composite_share": 0},
+                                 {"composite_found": {"nope": 1}}, {"composite_found": {"where": "x"}},
+                                 {"composite_found": {"oneshot": {}}}])
 def test_invalid_settings_are_refused(bad):
     with pytest.raises(NFTError, match="invalid NFT setting"):
         recipe("default", **bad)

@@ -24,30 +24,12 @@ image (paired with B test images, cycling), label C; ASR counts predictions of C
 import torch
 import torch.nn.functional as F
 
+from ..augment import half_mix
 from ..data.core import to_float, to_uint8
 from ..engine import Hooks
 from ..errors import NFTError
 from ..registry import ATTACKS
 from .common import OnTheFlyAttack, batch_count
-
-
-def half_mix(xa: torch.Tensor, xb: torch.Tensor, g: torch.Generator, jitter: int) -> torch.Tensor:
-    """Float (N, C, H, W) pairs -> composites (see the module docstring)."""
-    out = torch.empty_like(xa)
-    for i in range(len(xa)):
-        a, b = (xa[i], xb[i]) if torch.rand((), generator=g) < 0.5 else (xb[i], xa[i])
-        vertical = bool(torch.rand((), generator=g) < 0.5)
-        if not vertical:
-            a, b = a.transpose(1, 2), b.transpose(1, 2)
-        w = a.shape[2]
-        j = int(torch.randint(-jitter, jitter + 1, (), generator=g)) if jitter else 0
-        cut = min(w - 1, max(1, w // 2 + j))
-        sa = int(torch.randint(0, jitter + 1, (), generator=g)) if jitter else 0
-        sb = int(torch.randint(0, jitter + 1, (), generator=g)) if jitter else 0
-        sa, sb = min(sa, w - cut), min(sb, cut)
-        o = torch.cat([a[:, :, sa:sa + cut], b[:, :, cut - sb:w - sb]], 2)
-        out[i] = o if vertical else o.transpose(1, 2)
-    return out
 
 
 @ATTACKS.register("cba")
