@@ -141,6 +141,11 @@ def affine(x: torch.Tensor, g: torch.Generator | None = None, degrees: float = 1
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
+def half_mix_jitter(shape) -> int:
+    """HalfMixer's jitter for images of ``shape`` (..., H, W): 3 px per 32."""
+    return round(3 * min(shape[-2:]) / 32)
+
+
 def half_mix(xa: torch.Tensor, xb: torch.Tensor, g: torch.Generator, jitter: int) -> torch.Tensor:
     """Float (N, C, H, W) pairs -> half-and-half composites, cut as CBA's HalfMixer cuts them
     (nft.attacks.cba): the two images swapped at random, the split vertical or horizontal at random,

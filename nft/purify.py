@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 
 from . import augment as A
+from .bn import recalibrate_bn, reestimate_bn, transfer_bn_delta  # noqa: F401 (their home was here)
 from .data.core import CleanSet
 from .engine import Hooks, NonFiniteLoss, cosine_schedule, train
 from .errors import NFTError
@@ -152,8 +153,6 @@ def recipe(name: str = "default", **overrides) -> NFTConfig:
 
 def validate(cfg: NFTConfig) -> NFTConfig:
     """Reject settings that cannot run (NFTError names the first one)."""
-    oneshot = set(cfg.oneshot) if isinstance(cfg.oneshot, dict) else {"?"}
-    found = set(cfg.composite_found) if isinstance(cfg.composite_found, dict) else {"?"}
     checks = [
         (cfg.where in ("norm", "auto", "weight"), "where must be 'norm', 'auto' or 'weight'"),
         (cfg.steps >= 1, "steps must be >= 1"),
@@ -185,30 +184,30 @@ def validate(cfg: NFTConfig) -> NFTConfig:
         (cfg.bn_recal >= 0 and cfg.bn_recal_mode in ("replace", "delta"), "bn_recal >= 0, bn_recal_mode 'replace' or 'delta'"),
         (0 <= cfg.mask_reset <= 1, "mask_reset must be in [0, 1]"),
         (cfg.mask_reset == 0 or cfg.bn_recal > 0, "mask_reset needs bn_recal > 0 (the BN statistics must follow the masks)"),
-        (isinstance(cfg.oneshot, dict) and not oneshot & {"recipe", "oneshot", "oneshot_upto"},
-         "oneshot must be a dict of other settings"),
-        (oneshot <= set(NFTConfig.field_names()), f"unknown setting(s) in oneshot: {sorted(oneshot)}"),
         (0 <= cfg.composites <= 1 and 0 < cfg.composite_share <= 1 and cfg.composite_k >= 1 and cfg.composite_index >= 0,
          "composites in [0, 1], composite_share in (0, 1], composite_k >= 1, composite_index >= 0"),
-        (isinstance(cfg.composite_found, dict) and not found & {"recipe", "oneshot", "oneshot_upto", "composite_found"},
-         "composite_found must be a dict of other settings"),
-        (found <= set(NFTConfig.field_names()), f"unknown setting(s) in composite_found: {sorted(found)}"),
     ]
+    for name, forbidden in _OVERRIDES.items():  # settings that override others under a condition
+        value = getattr(cfg, name)
+        keys = set(value) if isinstance(value, dict) else {"?"}
+        checks += [(isinstance(value, dict) and not keys & forbidden, f"{name} must be a dict of other settings"),
+                   (keys <= set(NFTConfig.field_names()), f"unknown setting(s) in {name}: {sorted(keys)}")]
     for ok, msg in checks:
         if not ok:
             raise NFTError(f"invalid NFT setting: {msg}")
-    if cfg.composite_found:
-        try:
-            validate(replace(cfg, composite_found={}, **cfg.composite_found))
-        except NFTError as e:
-            raise NFTError(f"{e} (with composite_found={cfg.composite_found})") from None
-    if cfg.oneshot:
-        try:
-            validate(replace(cfg, oneshot={}, **cfg.oneshot))
-        except NFTError as e:
-            raise NFTError(f"{e} (in one-shot mode, with oneshot={cfg.oneshot}; set oneshot={{}} to turn "
-                           "it off)") from None
+    for name, where in (("composite_found", "with composite_found={}"),
+                        ("oneshot", "in one-shot mode, with oneshot={}; set oneshot={{}} to turn it off")):
+        value = getattr(cfg, name)
+        if value:
+            try:
+                validate(replace(cfg, **{name: {}}, **value))
+            except NFTError as e:
+                raise NFTError(f"{e} ({where.format(value)})") from None
     return cfg
+
+
+_OVERRIDES = {"oneshot": {"recipe", "oneshot", "oneshot_upto"},
+              "composite_found": {"recipe", "oneshot", "oneshot_upto", "composite_found"}}
 
 
 def for_clean_set(cfg: NFTConfig, per_class: float) -> NFTConfig:
@@ -285,7 +284,7 @@ def make_transform(cfg: NFTConfig, clean: CleanSet, g: torch.Generator, model: n
         return xm, ym
 
     members = {c: (clean.y == c).nonzero().flatten() for c in {c for p in pairs or [] for c in p[:2]}}
-    jitter = round(3 * min(shape[1:]) / 32)
+    jitter = A.half_mix_jitter(shape)
     transform.clean = transform.extra = 0
     transform.adv = adv
     return transform
@@ -308,7 +307,7 @@ def make_loss(cfg: NFTConfig, teacher: nn.Module | None, transform, neurons: Neu
         perturbed = neurons is not None and w > 0
         c, e = transform.clean, getattr(transform, "extra", 0)
         split = away and 0 < c < len(x) - e  # rows c: len(x) - e carry the perturbation, the last e are composites
-        k = transform.clean if cfg.neuron_part == "adv" and 0 < transform.clean < len(x) else 0
+        k = c if cfg.neuron_part == "adv" and 0 < c < len(x) else 0
         if perturbed and w == 1 and not kd and not k and not split:  # the unperturbed loss has weight 0: skip its pass
             return neurons.loss(model, x, y)
         out = model(x)
@@ -343,65 +342,6 @@ def away_loss(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     if not keep.any():
         return out.sum() * 0.0
     return -torch.log((1 - p[keep, t]).clamp_min(1e-6)).mean()
-
-
-@torch.no_grad()
-def recalibrate_bn(model: nn.Module, clean: CleanSet, cfg: NFTConfig, runtime: Runtime) -> None:
-    """Re-estimate BatchNorm running statistics as a plain average over ``cfg.bn_recal`` batches of
-    clean images with the standard augmentation only. MixUp batches have less variance than real
-    images, so statistics gathered during mask training are biased (benchmarks/NOTES.md §2)."""
-    bns = list(_tracking_bns(model).values())
-    if not bns:
-        return
-    saved = [m.momentum for m in bns]
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative average
-    base = A.train_transform(cfg.augment or clean.augment)
-    g = runtime.generator(505, device=runtime.device)
-    gi = runtime.generator(506)
-    model.train()
-    for _ in range(cfg.bn_recal):
-        idx = torch.randint(0, len(clean), (cfg.batch_size,), generator=gi)
-        model(base(clean.x[idx].to(runtime.torch_device), g))
-    for m, mom in zip(bns, saved):
-        m.momentum = mom
-
-
-def _tracking_bns(model: nn.Module) -> dict[str, nn.Module]:
-    return {n: m for n, m in model.named_modules()
-            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats}
-
-
-def _bn_stats(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    return {n: (m.running_mean.clone(), m.running_var.clone()) for n, m in _tracking_bns(model).items()}
-
-
-@torch.no_grad()
-def transfer_bn_delta(original: nn.Module, model: nn.Module, clean: CleanSet, cfg: NFTConfig, runtime: Runtime) -> None:
-    """Give ``model`` the statistics of ``original`` (estimated on its full training data) moved by
-    what the masks changed: mean + (after - before), var * (after / before), where before/after are
-    estimated from the same clean batches with the original and the masked model. The bias of a tiny
-    clean set (ten images say little about the variance of a class) cancels in the difference."""
-    own = _bn_stats(original)
-    ref = copy.deepcopy(original).to(runtime.torch_device)
-    recalibrate_bn(ref, clean, cfg, runtime)
-    before = _bn_stats(ref)
-    recalibrate_bn(model, clean, cfg, runtime)
-    for n, m in _tracking_bns(model).items():
-        if n in own:
-            (mu, var), (mu0, var0) = own[n], before[n]
-            m.running_mean.copy_(mu.to(m.running_mean) + m.running_mean - mu0)
-            m.running_var.copy_(var.to(m.running_var) * (m.running_var + 1e-5) / (var0 + 1e-5))
-
-
-def reestimate_bn(original: nn.Module, model: nn.Module, clean: CleanSet, cfg: NFTConfig, runtime: Runtime) -> None:
-    """The final BN step of ``cfg``: re-estimate from ``cfg.bn_recal`` plain clean batches, or
-    (``bn_recal_mode='delta'``) move ``original``'s statistics by what the masks changed."""
-    if cfg.bn_recal_mode == "delta":
-        transfer_bn_delta(original, model, clean, cfg, runtime)
-    else:
-        recalibrate_bn(model, clean, cfg, runtime)
 
 
 def purify(model: nn.Module, clean: CleanSet, cfg: NFTConfig | None = None, runtime: Runtime | None = None,

@@ -16,7 +16,7 @@ import statistics
 import torch
 import torch.nn as nn
 
-from .augment import half_mix
+from .augment import half_mix, half_mix_jitter
 from .masks import Masks
 
 
@@ -239,7 +239,7 @@ def composite_probe(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_clas
     pairs = [(a, b) for i, a in enumerate(present) for b in present[i + 1:]]
     if len(pairs) > max_pairs:
         pairs = [pairs[int(i)] for i in torch.randperm(len(pairs), generator=g)[:max_pairs]]
-    jitter = round(3 * min(x.shape[-2:]) / 32)
+    jitter = half_mix_jitter(x.shape)
     was = model.training
     model.eval()
     rows = []

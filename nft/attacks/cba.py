@@ -24,7 +24,7 @@ image (paired with B test images, cycling), label C; ASR counts predictions of C
 import torch
 import torch.nn.functional as F
 
-from ..augment import half_mix
+from ..augment import half_mix, half_mix_jitter
 from ..data.core import to_float, to_uint8
 from ..engine import Hooks
 from ..errors import NFTError
@@ -48,7 +48,7 @@ class Composite(OnTheFlyAttack):
         if len({self.class_a, self.class_b, self.target}) < 3:
             raise NFTError("cba needs three different classes A, B and the target C")
         self.mix_rate, self.lambda_con, self.margin = mix_rate, lambda_con, margin
-        self.jitter = round(3 * min(self.image_shape[1:]) / 32) if jitter is None else jitter
+        self.jitter = half_mix_jitter(self.image_shape) if jitter is None else jitter
 
     def _gen(self, salt: int) -> torch.Generator:
         return torch.Generator().manual_seed(self.seed * 7919 + salt)
