@@ -11,6 +11,7 @@ from __future__ import annotations
 import fcntl
 import functools
 import os
+import platform
 import socket
 import time
 import traceback
@@ -126,6 +127,19 @@ def ensure_model(root: str, spec: ModelSpec, opts: RunOptions) -> tuple[str, boo
 # ---------------------------------------------------------------------------------------------
 # records
 
+@functools.lru_cache(None)
+def cpu_name() -> str:
+    """The CPU's model name (Linux), else the machine type: float results of a fit can differ between CPUs."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.machine() or "unknown"
+
+
 def _base_record(cell: CellSpec, opts: RunOptions, manifest: dict) -> dict:
     m = cell.model
     return {
@@ -135,8 +149,8 @@ def _base_record(cell: CellSpec, opts: RunOptions, manifest: dict) -> dict:
         "poison_rate": 0.0 if m.attack == BENIGN else m.poison_rate,
         "before": manifest.get("metrics", {}), "device": opts.device, "threads": opts.threads,
         "config": to_dict(cell), "defense_config": {}, "model_key": m.key, "history": [], "artifacts": {},
-        "code_version": code_version(), "host": socket.gethostname(),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "code_version": code_version(), "torch": torch.__version__, "model_sha256": manifest.get("sha256"),
+        "cpu": cpu_name(), "host": socket.gethostname(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
 
 
@@ -251,7 +265,10 @@ def rerun(record: dict, opts: RunOptions, workdir: str, tolerance: float = 1.0) 
     return {"cell_id": record["cell_id"], "recorded": {k: record.get(k) for k in ("acc", "asr", "ra")},
             "rerun": {k: new.get(k) for k in ("acc", "asr", "ra")}, "abs_diff": diffs,
             "within_tolerance": all(d <= tolerance for d in diffs.values()), "tolerance": tolerance,
-            "record": new}
+            # whether the re-trained backdoored model is the recorded one, byte for byte (None: the record
+            # predates model_sha256); a different one (another torch, another CPU) explains a drift
+            "same_model": None if not record.get("model_sha256") else new["model_sha256"] == record["model_sha256"],
+            "torch": {"recorded": record.get("torch"), "rerun": new["torch"]}, "record": new}
 
 
 __all__ = ["RunOptions", "ensure_model", "run_defense", "model_task", "cell_task", "rerun", "load_data"]

@@ -56,6 +56,16 @@ class NFTConfig:
     adv_loss: str = "ce"  # on the perturbed images: 'ce', cross-entropy to their true labels; 'away', only
     # -log(1 - p_t) for t the class the perturbation sends most of them to (not the classes of the images the
     # perturbation leaves alone): the masks must stop the push to t, not read the true digit through a large delta
+    wide: float = 0.0  # extra images per batch (fraction of it) carrying a second universal perturbation, in a wider
+    # L2 ball (wide_eps) and always with the 'away' loss, beside the first one (which keeps its own loss): a trigger
+    # of larger norm than adv_eps (a saturated patch) is reached without teaching the masks to read the true digit
+    # through a large delta; in recovery adv_after of a batch still carries it; 0 = off
+    wide_eps: float = 0.25
+    wide_flipped: bool = False  # the away loss only on the wide rows the perturbation currently sends to t (none
+    # once the masks have stopped the push), not on every row until p_t is 0
+    wide_bn: str = "batch"  # the wide rows go through BatchNorm with the batch's statistics ('batch', in the same
+    # forward pass as the others) or with the running ones ('eval', a pass of their own: the batch statistics, and so
+    # the running ones, stay those of the clean and first-search rows)
     adv_free: bool = False  # take the perturbation's ascent step from the mask step's own backward pass (the
     # gradient of the training loss on the perturbed images, "free" adversarial training, Shafahi et al. 2019)
     # instead of a separate forward/backward in eval mode: the same search for about a fifth less time
@@ -168,6 +178,9 @@ def validate(cfg: NFTConfig) -> NFTConfig:
         (cfg.adv_norm in ("l2", "l1") and (cfg.adv_norm == "l2" or cfg.adv_mode == "universal"),
          "adv_norm must be 'l2' or 'l1' (l1 needs adv_mode='universal')"),
         (cfg.adv_loss in ("ce", "away"), "adv_loss must be 'ce' or 'away'"),
+        (0 <= cfg.wide <= 1 and cfg.wide_eps >= 0 and (cfg.wide == 0 or cfg.adv_loss == "ce"),
+         "wide must be in [0, 1], wide_eps >= 0, and wide needs adv_loss='ce' (its own images take the 'away' loss)"),
+        (cfg.wide_bn in ("batch", "eval"), "wide_bn must be 'batch' or 'eval'"),
         (cfg.adv_mode == "universal" or not (cfg.adv_free or cfg.adv_frozen),
          "adv_free and adv_frozen need adv_mode='universal'"),
         (cfg.adv_image_steps >= 1 and cfg.adv_starts >= 1, "adv_image_steps and adv_starts must be >= 1"),
@@ -243,13 +256,16 @@ def make_transform(cfg: NFTConfig, clean: CleanSet, g: torch.Generator, model: n
     images carrying a universal adversarial perturbation with their true labels, plus (``pairs``
     from ``composite_probe``, drawn with the CPU generator ``gc``) ``cfg.composites`` of a batch of
     half-and-half composites of those pairs' clean images, labelled half each class, at the end
-    (``transform.extra`` of them)."""
+    (``transform.extra`` of them). With ``cfg.wide`` a second universal perturbation in a wider ball
+    adds ``transform.away`` images just before the composites (``make_loss`` gives them the 'away' loss)."""
     base = A.train_transform(cfg.augment or clean.augment)
     shape = tuple(clean.x.shape[1:])
     adv = None if cfg.adv <= 0 or model is None else (
         ImagePerturbation(shape, cfg.adv_eps, cfg.adv_image_steps, g) if cfg.adv_mode == "image"
         else (SparsePerturbation if cfg.adv_norm == "l1" else UniversalPerturbation)(
             shape, cfg.adv_eps, cfg.adv_step, g.device, g, cfg.adv_starts))
+    wide = None if cfg.wide <= 0 or model is None else UniversalPerturbation(shape, cfg.wide_eps, cfg.adv_step,
+                                                                              g.device, g)
 
     def transform(x, y, step):
         transform.clean = len(x)  # the first images of the batch are clean (MixUp); the rest carry delta
@@ -270,6 +286,12 @@ def make_transform(cfg: NFTConfig, clean: CleanSet, g: torch.Generator, model: n
                 xa = adv.update(model, x[:k], y[:k])
             xm = torch.cat([xm, xa])
             ym = torch.cat([ym, A.soft_targets(y[:k], clean.num_classes)])
+        transform.away = 0
+        if wide is not None and (searching or cfg.adv_after > 0):
+            k = max(1, round((cfg.wide if searching else cfg.adv_after) * len(x)))
+            xm = torch.cat([xm, wide.update(model, x[-k:], y[-k:])])
+            ym = torch.cat([ym, A.soft_targets(y[-k:], clean.num_classes)])
+            transform.away = k
         transform.extra = 0
         if pairs:
             n = max(1, round(cfg.composites * len(x)))
@@ -285,8 +307,8 @@ def make_transform(cfg: NFTConfig, clean: CleanSet, g: torch.Generator, model: n
 
     members = {c: (clean.y == c).nonzero().flatten() for c in {c for p in pairs or [] for c in p[:2]}}
     jitter = A.half_mix_jitter(shape)
-    transform.clean = transform.extra = 0
-    transform.adv = adv
+    transform.clean = transform.extra = transform.away = 0
+    transform.adv, transform.wide = adv, wide
     return transform
 
 
@@ -294,10 +316,12 @@ def make_loss(cfg: NFTConfig, teacher: nn.Module | None, transform, neurons: Neu
     """Cross-entropy on soft targets, plus (``cfg.kd`` > 0) distillation from the original model on
     the clean part of the batch only (on images that carry the perturbation it would teach the
     backdoor), mixed (``cfg.neuron`` > 0) with the loss under adversarial neuron perturbation.
-    ``cfg.adv_loss='away'``: the images that carry the input perturbation get ``away_loss`` instead."""
+    ``cfg.adv_loss='away'``: the images that carry the input perturbation get ``away_loss`` instead.
+    ``cfg.wide``: the ``transform.away`` rows of the wider search get ``away_loss`` (the others keep theirs) and
+    stay out of the neuron-perturbed loss; ``wide_bn='eval'`` passes them apart, with BN's running statistics."""
     kd = cfg.kd and teacher is not None
     away = cfg.adv_loss == "away"
-    if not kd and neurons is None and not away:
+    if not kd and neurons is None and not away and cfg.wide <= 0:
         return None
     T = cfg.kd_temp
     neuron_to = cfg.neuron_until * cfg.steps
@@ -305,13 +329,30 @@ def make_loss(cfg: NFTConfig, teacher: nn.Module | None, transform, neurons: Neu
     def loss(model, x, y, step):
         w = cfg.neuron if step <= neuron_to else cfg.neuron_after
         perturbed = neurons is not None and w > 0
-        c, e = transform.clean, getattr(transform, "extra", 0)
+        c, e, a = transform.clean, getattr(transform, "extra", 0), getattr(transform, "away", 0)
         split = away and 0 < c < len(x) - e  # rows c: len(x) - e carry the perturbation, the last e are composites
+        rest = None
+        if a and not split:  # rows n - e - a: n - e carry the wide perturbation and take the 'away' loss
+            rest = torch.ones(len(x), dtype=torch.bool, device=x.device)
+            rest[len(x) - e - a:len(x) - e] = False
         k = c if cfg.neuron_part == "adv" and 0 < c < len(x) else 0
-        if perturbed and w == 1 and not kd and not k and not split:  # the unperturbed loss has weight 0: skip its pass
-            return neurons.loss(model, x, y)
-        out = model(x)
-        if split:
+        if perturbed and w == 1 and not kd and not k and not split and rest is None:  # the unperturbed loss has
+            return neurons.loss(model, x, y)  # weight 0: skip its pass
+        if rest is not None and cfg.wide_bn == "eval":
+            o_rest = model(x[rest])  # rows before the wide ones come first: o_rest[:c] is the clean part
+            was = model.training
+            model.eval()
+            o_wide = model(x[~rest])
+            model.train(was)
+        elif rest is not None:
+            out = model(x)
+            o_rest, o_wide = out[rest], out[~rest]
+        else:
+            out = model(x)
+        if rest is not None:
+            total = (nn.functional.cross_entropy(o_rest, y[rest], reduction="sum")
+                     + a * away_loss(o_wide, y[~rest], cfg.wide_flipped)) / len(x)
+        elif split:
             n = len(x)
             total = c * nn.functional.cross_entropy(out[:c], y[:c]) + (n - c - e) * away_loss(out[c:n - e], y[c:n - e])
             if e:
@@ -323,22 +364,39 @@ def make_loss(cfg: NFTConfig, teacher: nn.Module | None, transform, neurons: Neu
             c = transform.clean
             with torch.no_grad():
                 p = nn.functional.softmax(teacher(x[:c]) / T, 1)
-            kl = nn.functional.kl_div(nn.functional.log_softmax(out[:c] / T, 1), p, reduction="batchmean")
+            head = (o_rest if rest is not None else out)[:c]
+            kl = nn.functional.kl_div(nn.functional.log_softmax(head / T, 1), p, reduction="batchmean")
             total = total + cfg.kd * T * T * kl
-        if perturbed:  # with the 'away' loss the neuron search sees the clean rows only
-            total = (1 - w) * total + w * (neurons.loss(model, x[:c], y[:c]) if split else neurons.loss(model, x[k:], y[k:]))
+        if perturbed:  # with the 'away' loss the neuron search sees the clean rows only, and never the wide rows
+            if split:
+                nl = neurons.loss(model, x[:c], y[:c])
+            elif rest is not None:
+                keep = rest.clone()
+                keep[:k] = False
+                nl = neurons.loss(model, x[keep], y[keep])
+            else:
+                nl = neurons.loss(model, x[k:], y[k:])
+            total = (1 - w) * total + w * nl
         return total
 
     return loss
 
 
-def away_loss(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def away_loss(out: torch.Tensor, y: torch.Tensor, flipped: bool = False) -> torch.Tensor:
     """-log(1 - p_t), averaged over the images not of class t, where t is the class most of these
     (perturbed) images are predicted as: what a universal perturbation that finds a backdoor does is
-    send them to its target; this undoes only that. ``y``: labels or soft targets (argmax = label)."""
+    send them to its target; this undoes only that. ``y``: labels or soft targets (argmax = label).
+    ``flipped``: only the images still predicted as t count (the sum is still divided by all not of t)."""
     p = nn.functional.softmax(out, 1)
-    t = int(torch.mode(out.detach().argmax(1)).values)
+    pred = out.detach().argmax(1)
+    t = int(torch.mode(pred).values)
     keep = (y.argmax(1) if y.dim() == 2 else y) != t
+    if flipped:
+        n = int(keep.sum())
+        keep = keep & (pred == t)
+        if not keep.any():
+            return out.sum() * 0.0
+        return -torch.log((1 - p[keep, t]).clamp_min(1e-6)).sum() / n
     if not keep.any():
         return out.sum() * 0.0
     return -torch.log((1 - p[keep, t]).clamp_min(1e-6)).mean()

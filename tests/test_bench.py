@@ -10,6 +10,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 from nft.bench import RunOptions
 from nft.cli import main
@@ -71,7 +72,8 @@ def test_record_schema(grid):
         assert r["dataset"] == "mnist10k" and r["model"] == "smallcnn" and r["model_kwargs"] == {"width": 4}
         assert r["attack"] in (BENIGN, "badnets") and r["seed"] == 0
         assert CellSpec.from_dict(r["config"]).cell_id == r["cell_id"]
-        assert 0 <= r["acc"] <= 100 and r["code_version"]
+        assert 0 <= r["acc"] <= 100 and r["code_version"] and r["torch"] == torch.__version__
+        assert r["cpu"] and len(r["model_sha256"]) == 64 and int(r["model_sha256"], 16) >= 0  # the weights the cell ran on
         if r["attack"] == BENIGN:
             assert r["asr"] is None and r["der"] is None
         if r["defense"] == NO_DEFENSE:
@@ -113,6 +115,7 @@ def test_rerun_one_cell_reproduces_acc_and_asr(grid, tmp_path, capsys):
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert rc == 0 and out["within_tolerance"], out
     assert out["abs_diff"]["acc"] <= 1 and out["abs_diff"]["asr"] <= 1
+    assert out["same_model"] is True and out["torch"]["rerun"] == torch.__version__
 
 
 def test_failed_cell_is_reported_not_recorded(tmp_path):

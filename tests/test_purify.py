@@ -359,6 +359,11 @@ def test_away_loss_pushes_only_the_perturbations_class_down():
     assert grad[2].abs().sum() == 0  # the image of class t is left alone
     # every image is of class t: nothing to push, a zero loss that still backpropagates
     assert float(away_loss(out, torch.ones(4, dtype=torch.long))) == 0.0
+    # flipped: image 3 (label 0) is no longer predicted t = 1, so only images 0 and 1 push (over the same 3)
+    want = -(torch.log(1 - p[0, 1]) + torch.log(1 - p[1, 1])) / 3
+    got = away_loss(out, y, flipped=True)
+    assert float(got.detach()) == pytest.approx(float(want.detach()))
+    assert torch.autograd.grad(got, out)[0][3].abs().sum() == 0
 
     net = torch.nn.Linear(4, 3)
     x, yy = torch.rand(6, 4), torch.nn.functional.one_hot(torch.tensor([0, 1, 2, 0, 1, 2]), 3).float()
@@ -378,6 +383,74 @@ def test_purify_with_the_away_loss_runs_and_differs(tiny):
     cfg = recipe("default", steps=8, batch_size=32)
     a = purify(model, clean, cfg, rt)[3]["mask_state"]
     b = purify(model, clean, replace(cfg, adv_loss="away"), rt)[3]["mask_state"]
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+
+
+def test_wide_rows_take_the_away_loss_and_stay_out_of_the_neuron_loss():
+    """With ``wide``, the ``transform.away`` rows just before the composites take away_loss, every
+    other row cross-entropy; the neuron-perturbed loss never sees the wide rows."""
+    from nft.purify import away_loss, make_loss
+
+    net = torch.nn.Linear(4, 3)
+    x, yy = torch.rand(8, 4), torch.nn.functional.one_hot(torch.tensor([0, 1, 2, 0, 1, 2, 0, 1]), 3).float()
+    transform = lambda: None  # noqa: E731
+    transform.clean, transform.away, transform.extra = 4, 2, 1  # rows 4-5: first search, 5-6: wide, 7: composite
+    cfg = recipe("paper", wide=0.5)
+    o = net(x)
+    ce = torch.nn.functional.cross_entropy
+    rest = [0, 1, 2, 3, 4, 7]
+    expect = (ce(o[rest], yy[rest], reduction="sum") + 2 * away_loss(o[5:7], yy[5:7])) / 8
+    assert float(make_loss(cfg, None, transform)(net, x, yy, 1).detach()) == pytest.approx(float(expect.detach()))
+    transform.away = 0  # no wide rows in this batch: plain cross-entropy
+    assert float(make_loss(cfg, None, transform)(net, x, yy, 1).detach()) == pytest.approx(float(ce(o, yy).detach()))
+
+    class Spy:  # stands in for NeuronPerturbation: records the rows it is given
+        seen = None
+
+        def loss(self, model, xs, ys):
+            Spy.seen = xs
+            return ce(model(xs), ys)
+
+    transform.away = 2
+    make_loss(replace(recipe("paper", wide=0.5), neuron=0.5), None, transform, Spy())(net, x, yy, 1)
+    assert torch.equal(Spy.seen, x[rest])
+
+
+def test_wide_rows_in_eval_mode_leave_the_batch_statistics_to_the_other_rows():
+    """``wide_bn='eval'``: the wide rows pass BatchNorm with the running statistics, so the running
+    statistics move exactly as they would on the other rows alone; the loss is the same formula."""
+    from nft.purify import away_loss, make_loss
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.BatchNorm1d(5), torch.nn.Linear(5, 3)).train()
+    ref = copy.deepcopy(net)
+    x, yy = torch.rand(8, 4), torch.nn.functional.one_hot(torch.tensor([0, 1, 2, 0, 1, 2, 0, 1]), 3).float()
+    x[5:7] += 10  # wide rows far from the rest: in the batch statistics they would move the running mean a lot
+    transform = lambda: None  # noqa: E731
+    transform.clean, transform.away, transform.extra = 4, 2, 1
+    rest = [0, 1, 2, 3, 4, 7]
+    got = make_loss(recipe("paper", wide=0.5, wide_bn="eval"), None, transform)(net, x, yy, 1)
+    o_rest = ref(x[rest])
+    ref.eval()
+    want = (torch.nn.functional.cross_entropy(o_rest, yy[rest], reduction="sum") + 2 * away_loss(ref(x[5:7]), yy[5:7])) / 8
+    assert float(got.detach()) == pytest.approx(float(want.detach()))
+    assert torch.allclose(net[1].running_mean, ref[1].running_mean) and net.training
+
+
+def test_wide_search_adds_its_rows_in_a_wider_ball(tiny):
+    rt, data, attack, model, clean = tiny
+    cfg = recipe("default", wide=0.25, wide_eps=0.3, steps=8, batch_size=32, composites=0)
+    g = torch.Generator().manual_seed(0)
+    t = make_transform(cfg, clean, g, model)
+    x, y = clean.x[:32], clean.y[:32]
+    xm, ym = t(x, y, 1)
+    assert (t.clean, t.away) == (32, 8) and len(xm) == 32 + 16 + 8
+    assert t.wide.radius == pytest.approx(0.3 * 28) and t.adv.radius == pytest.approx(0.15 * 28)
+    assert 0 < float(t.wide.delta.norm()) <= t.wide.radius * (1 + 1e-5)  # one step taken, inside its ball
+    xm, _ = t(x, y, 8)  # recovery: adv_after of the batch for each search
+    assert t.away == 2 and len(xm) == 32 + 2 + 2
+    a = purify(model, clean, replace(cfg, wide=0), rt)[3]["mask_state"]
+    b = purify(model, clean, cfg, rt)[3]["mask_state"]
     assert any(not torch.equal(a[k], b[k]) for k in a)
 
 
@@ -521,7 +594,9 @@ def test_nonfinite_loss_keeps_last_good_masks(tiny):
                                  {"adv_norm": "linf"}, {"optimizer": "rmsprop"}, {"adv_norm": "l1", "adv_mode": "image"},
                                  {"adv_loss": "kl"}, {"composites": 2}, {"composite_share": 0},
                                  {"composite_found": {"nope": 1}}, {"composite_found": {"where": "x"}},
-                                 {"composite_found": {"oneshot": {}}}, {"composite_index": -1}])
+                                 {"composite_found": {"oneshot": {}}}, {"composite_index": -1},
+                                 {"wide": 1.5}, {"wide": 0.5, "adv_loss": "away"}, {"wide_eps": -1},
+                                 {"wide_bn": "train"}])
 def test_invalid_settings_are_refused(bad):
     with pytest.raises(NFTError, match="invalid NFT setting"):
         recipe("default", **bad)
