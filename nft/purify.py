@@ -24,7 +24,8 @@ from .engine import Hooks, NonFiniteLoss, cosine_schedule, train
 from .errors import NFTError
 from .masks import Masks, attach, clip_schedule
 from .runtime import Runtime
-from .searches import ImagePerturbation, NeuronPerturbation, SparsePerturbation, UniversalPerturbation, composite_probe
+from .searches import (ImagePerturbation, NeuronPerturbation, PatchPerturbation, SparsePerturbation, UniversalPerturbation,
+                       composite_probe)
 
 
 @dataclass
@@ -61,6 +62,12 @@ class NFTConfig:
     # of larger norm than adv_eps (a saturated patch) is reached without teaching the masks to read the true digit
     # through a large delta; in recovery adv_after of a batch still carries it; 0 = off
     wide_eps: float = 0.25
+    wide_norm: str = "l2"  # the second search's shape: 'l2', one delta in an L2 ball of wide_eps; 'patch', universal
+    # patches (searches.PatchPerturbation): one delta per window of a wide_grid x wide_grid lattice of squares of side
+    # wide_side (a fraction of the image side), any value inside, signed steps of wide_step
+    wide_side: float = 0.25
+    wide_grid: int = 3
+    wide_step: float = 0.1
     wide_flipped: bool = False  # the away loss only on the wide rows the perturbation currently sends to t (none
     # once the masks have stopped the push), not on every row until p_t is 0
     wide_bn: str = "batch"  # the wide rows go through BatchNorm with the batch's statistics ('batch', in the same
@@ -181,6 +188,8 @@ def validate(cfg: NFTConfig) -> NFTConfig:
         (0 <= cfg.wide <= 1 and cfg.wide_eps >= 0 and (cfg.wide == 0 or cfg.adv_loss == "ce"),
          "wide must be in [0, 1], wide_eps >= 0, and wide needs adv_loss='ce' (its own images take the 'away' loss)"),
         (cfg.wide_bn in ("batch", "eval"), "wide_bn must be 'batch' or 'eval'"),
+        (cfg.wide_norm in ("l2", "patch") and 0 < cfg.wide_side <= 1 and cfg.wide_grid >= 1 and cfg.wide_step >= 0,
+         "wide_norm must be 'l2' or 'patch', wide_side in (0, 1], wide_grid >= 1, wide_step >= 0"),
         (cfg.adv_mode == "universal" or not (cfg.adv_free or cfg.adv_frozen),
          "adv_free and adv_frozen need adv_mode='universal'"),
         (cfg.adv_image_steps >= 1 and cfg.adv_starts >= 1, "adv_image_steps and adv_starts must be >= 1"),
@@ -264,8 +273,9 @@ def make_transform(cfg: NFTConfig, clean: CleanSet, g: torch.Generator, model: n
         ImagePerturbation(shape, cfg.adv_eps, cfg.adv_image_steps, g) if cfg.adv_mode == "image"
         else (SparsePerturbation if cfg.adv_norm == "l1" else UniversalPerturbation)(
             shape, cfg.adv_eps, cfg.adv_step, g.device, g, cfg.adv_starts))
-    wide = None if cfg.wide <= 0 or model is None else UniversalPerturbation(shape, cfg.wide_eps, cfg.adv_step,
-                                                                              g.device, g)
+    wide = None if cfg.wide <= 0 or model is None else (
+        PatchPerturbation(shape, cfg.wide_side, cfg.wide_grid, cfg.wide_step, g.device, g) if cfg.wide_norm == "patch"
+        else UniversalPerturbation(shape, cfg.wide_eps, cfg.adv_step, g.device, g))
 
     def transform(x, y, step):
         transform.clean = len(x)  # the first images of the batch are clean (MixUp); the rest carry delta

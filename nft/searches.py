@@ -120,6 +120,45 @@ class SparsePerturbation(UniversalPerturbation):
         return self._project(d + move.view_as(d), self.radius)
 
 
+class PatchPerturbation:
+    """Universal patches: one delta per window of a ``grid`` x ``grid`` lattice of square windows of side
+    ``side`` (a fraction of the image side; the lattice runs from corner to corner, so ``grid`` 2 is the four
+    corners), any value inside its window (|delta| <= 1, the whole pixel range) and zero outside, pushed up the
+    clean loss by one signed-gradient step of ``step`` per call. Image i of a batch carries window i mod the
+    number of windows. A patch trigger (BadNets, TrojanNN's optimised square, CLB's corner checkerboards) is
+    small in area but large in norm: an L2 ball that reaches it reaches everything else too, a window does not."""
+
+    def __init__(self, shape, side: float, grid: int, step: float, device, g: torch.Generator):
+        c, h, w = shape
+        k = max(1, round(side * min(h, w)))
+        rows = [round(i * (h - k) / (grid - 1)) for i in range(grid)] if grid > 1 else [(h - k) // 2]
+        cols = [round(i * (w - k) / (grid - 1)) for i in range(grid)] if grid > 1 else [(w - k) // 2]
+        win = torch.zeros(len(rows) * len(cols), 1, h, w)
+        for n, (r, q) in enumerate((r, q) for r in rows for q in cols):
+            win[n, :, r:r + k, q:q + k] = 1.0
+        self.window, self.side, self.step = win.to(device), k, step
+        self.delta = (torch.rand((len(win), c, h, w), generator=g, device=g.device).to(device) * 2 - 1) * self.window
+
+    def _per_image(self, d: torch.Tensor, n: int) -> torch.Tensor:
+        return d[torch.arange(n, device=d.device) % len(d)]
+
+    def update(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        d = self.delta.clone().requires_grad_(True)
+        was = model.training
+        model.eval()  # no BN statistics from the search batches
+        loss = nn.functional.cross_entropy(model((x + self._per_image(d, len(x))).clamp(0, 1)), y)
+        (grad,) = torch.autograd.grad(loss, d)
+        model.train(was)
+        self.delta = ((d.detach() + self.step * grad.sign()).clamp(-1, 1)) * self.window
+        return self.apply(x)
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        return (x + self._per_image(self.delta, len(x))).clamp(0, 1)
+
+    def ascend(self) -> None:  # update() already took its step
+        return None
+
+
 class ImagePerturbation:
     """A fresh perturbation per image and batch: ``steps`` of L2 PGD from a random start in the ball
     of radius ``eps_rms * sqrt(C*H*W)``, up the clean loss of the current masked model. Unlike the

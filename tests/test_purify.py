@@ -11,7 +11,7 @@ from nft.data import CleanSet, load_dataset
 from nft.errors import NFTError
 from nft.evaluate import evaluate
 from nft.purify import RECIPES, NFTConfig, make_transform, purify, recipe
-from nft.searches import ImagePerturbation, NeuronPerturbation, SparsePerturbation, UniversalPerturbation
+from nft.searches import ImagePerturbation, NeuronPerturbation, PatchPerturbation, SparsePerturbation, UniversalPerturbation
 from nft.trainer import TrainConfig, train_model
 
 
@@ -256,6 +256,34 @@ def test_l1_search_finds_a_patch_trigger_with_a_sparse_delta():
     assert isinstance(make_transform(cfg, CleanSet(x, torch.arange(16) % 2, 2, augment="none"),
                                      torch.Generator().manual_seed(1), net).adv,
                       SparsePerturbation)
+
+
+def test_patch_search_windows_tile_the_corners_and_find_a_corner_trigger():
+    """PatchPerturbation: grid 2 puts one window in each corner; every delta is zero outside its window and
+    within the pixel range; on a model that answers class 1 exactly when the bottom-right 2x2 square is bright,
+    the images carrying that corner's window go to class 1 and the others do not (the search does not
+    invent a trigger where there is none); wide_norm='patch' makes it NFT's second search."""
+    w = torch.zeros(2, 1, 8, 8)
+    w[1, 0, 6:, 6:] = 4.0
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 2))
+    with torch.no_grad():
+        net[1].weight.copy_(w.flatten(1))
+        net[1].bias.copy_(torch.tensor([8.0, 0.0]))
+    u = PatchPerturbation((1, 8, 8), 0.25, 2, 0.2, "cpu", torch.Generator().manual_seed(3))
+    assert u.side == 2 and u.window.shape == (4, 1, 8, 8)
+    corners = [(0, 0), (0, 6), (6, 0), (6, 6)]
+    for win, (r, c) in zip(u.window, corners):
+        assert float(win.sum()) == 4 and float(win[0, r:r + 2, c:c + 2].sum()) == 4
+    x, y = torch.rand(16, 1, 8, 8) * 0.2, torch.zeros(16, dtype=torch.long)
+    for _ in range(10):
+        xa = u.update(net, x, y)
+        assert float(xa.min()) >= 0 and float(xa.max()) <= 1
+        assert float(u.delta.abs().max()) <= 1 and float((u.delta * (1 - u.window)).abs().sum()) == 0
+    pred = net(u.apply(x)).argmax(1)
+    assert (pred[3::4] == 1).all() and (pred[torch.arange(16) % 4 != 3] == 0).all()
+    cfg = recipe("default", steps=4, batch_size=8, wide=0.5, wide_norm="patch", wide_grid=2)
+    assert isinstance(make_transform(cfg, CleanSet(x, torch.arange(16) % 2, 2, augment="none"),
+                                     torch.Generator().manual_seed(1), net).wide, PatchPerturbation)
 
 
 def test_neuron_perturbation_raises_the_loss_stays_bounded_and_is_removed():
@@ -596,7 +624,7 @@ def test_nonfinite_loss_keeps_last_good_masks(tiny):
                                  {"composite_found": {"nope": 1}}, {"composite_found": {"where": "x"}},
                                  {"composite_found": {"oneshot": {}}}, {"composite_index": -1},
                                  {"wide": 1.5}, {"wide": 0.5, "adv_loss": "away"}, {"wide_eps": -1},
-                                 {"wide_bn": "train"}])
+                                 {"wide_bn": "train"}, {"wide_norm": "linf"}, {"wide_grid": 0}])
 def test_invalid_settings_are_refused(bad):
     with pytest.raises(NFTError, match="invalid NFT setting"):
         recipe("default", **bad)
