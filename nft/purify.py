@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import math
+import statistics
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
 
@@ -25,7 +26,7 @@ from .errors import NFTError
 from .masks import Masks, attach, clip_schedule
 from .runtime import Runtime
 from .searches import (ImagePerturbation, NeuronPerturbation, PatchPerturbation, SparsePerturbation, UniversalPerturbation,
-                       composite_probe)
+                       composite_probe, patch_probe)
 
 
 @dataclass
@@ -68,6 +69,8 @@ class NFTConfig:
     wide_side: float = 0.25
     wide_grid: int = 3
     wide_step: float = 0.1
+    wide_window: int = -1  # wide_norm 'patch': only this window of the lattice (row-major; -1 = all of them)
+    wide_target: int = -1  # the class the wide rows' away loss pushes down (-1: the one most of them are predicted as)
     wide_flipped: bool = False  # the away loss only on the wide rows the perturbation currently sends to t (none
     # once the masks have stopped the push), not on every row until p_t is 0
     wide_bn: str = "batch"  # the wide rows go through BatchNorm with the batch's statistics ('batch', in the same
@@ -93,6 +96,14 @@ class NFTConfig:
     composite_index: float = 2.0  # ... and when that share is an outlier among the pairs' (anomaly index, as Neural Cleanse's)
     composite_k: int = 64  # composites the probe makes per pair
     composite_found: dict = field(default_factory=dict)  # settings that apply when the probe flags a pair
+    patch_probe: float = 0.0  # run searches.patch_probe first (0 = off): a window of the wide_grid lattice whose universal
+    # patch sends at least this share of the clean images to one class is flagged (a patch trigger); then the wide
+    # search is a patch search in the flagged windows (wide_window), its away loss on that class (wide_target), with
+    # the patch_found settings; none flagged = nothing changes
+    patch_probe_steps: int = 40  # signed steps of the probe's search per window
+    patch_probe_median: float = 0.5  # ... and only while the median window's share is at most this: a weak model that
+    # sends the clean images to one class from every window (the tests' 3-epoch CNN: 0.78-0.89) has no trigger window
+    patch_found: dict = field(default_factory=dict)
     kd: float = 0.0  # weight of KL(original || masked) on the clean (MixUp) images: the original model's full
     # output on interpolated clean images says more than ten hard labels, and it is clean there
     kd_temp: float = 2.0  # softmax temperature of that term (scaled by T^2)
@@ -188,8 +199,10 @@ def validate(cfg: NFTConfig) -> NFTConfig:
         (0 <= cfg.wide <= 1 and cfg.wide_eps >= 0 and (cfg.wide == 0 or cfg.adv_loss == "ce"),
          "wide must be in [0, 1], wide_eps >= 0, and wide needs adv_loss='ce' (its own images take the 'away' loss)"),
         (cfg.wide_bn in ("batch", "eval"), "wide_bn must be 'batch' or 'eval'"),
-        (cfg.wide_norm in ("l2", "patch") and 0 < cfg.wide_side <= 1 and cfg.wide_grid >= 1 and cfg.wide_step >= 0,
-         "wide_norm must be 'l2' or 'patch', wide_side in (0, 1], wide_grid >= 1, wide_step >= 0"),
+        (cfg.wide_norm in ("l2", "patch") and 0 < cfg.wide_side <= 1 and cfg.wide_grid >= 1 and cfg.wide_step >= 0
+         and -1 <= cfg.wide_window < cfg.wide_grid ** 2 and cfg.wide_target >= -1,
+         "wide_norm must be 'l2' or 'patch', wide_side in (0, 1], wide_grid >= 1, wide_step >= 0, wide_window in "
+         "[-1, wide_grid^2), wide_target >= -1"),
         (cfg.adv_mode == "universal" or not (cfg.adv_free or cfg.adv_frozen),
          "adv_free and adv_frozen need adv_mode='universal'"),
         (cfg.adv_image_steps >= 1 and cfg.adv_starts >= 1, "adv_image_steps and adv_starts must be >= 1"),
@@ -206,6 +219,8 @@ def validate(cfg: NFTConfig) -> NFTConfig:
         (cfg.bn_recal >= 0 and cfg.bn_recal_mode in ("replace", "delta"), "bn_recal >= 0, bn_recal_mode 'replace' or 'delta'"),
         (0 <= cfg.mask_reset <= 1, "mask_reset must be in [0, 1]"),
         (cfg.mask_reset == 0 or cfg.bn_recal > 0, "mask_reset needs bn_recal > 0 (the BN statistics must follow the masks)"),
+        (0 <= cfg.patch_probe <= 1 and cfg.patch_probe_steps >= 1 and 0 <= cfg.patch_probe_median <= 1,
+         "patch_probe in [0, 1], patch_probe_steps >= 1, patch_probe_median in [0, 1]"),
         (0 <= cfg.composites <= 1 and 0 < cfg.composite_share <= 1 and cfg.composite_k >= 1 and cfg.composite_index >= 0,
          "composites in [0, 1], composite_share in (0, 1], composite_k >= 1, composite_index >= 0"),
     ]
@@ -217,7 +232,7 @@ def validate(cfg: NFTConfig) -> NFTConfig:
     for ok, msg in checks:
         if not ok:
             raise NFTError(f"invalid NFT setting: {msg}")
-    for name, where in (("composite_found", "with composite_found={}"),
+    for name, where in (("composite_found", "with composite_found={}"), ("patch_found", "with patch_found={}"),
                         ("oneshot", "in one-shot mode, with oneshot={}; set oneshot={{}} to turn it off")):
         value = getattr(cfg, name)
         if value:
@@ -229,7 +244,8 @@ def validate(cfg: NFTConfig) -> NFTConfig:
 
 
 _OVERRIDES = {"oneshot": {"recipe", "oneshot", "oneshot_upto"},
-              "composite_found": {"recipe", "oneshot", "oneshot_upto", "composite_found"}}
+              "composite_found": {"recipe", "oneshot", "oneshot_upto", "composite_found"},
+              "patch_found": {"recipe", "oneshot", "oneshot_upto", "patch_found", "patch_probe"}}
 
 
 def for_clean_set(cfg: NFTConfig, per_class: float) -> NFTConfig:
@@ -274,7 +290,8 @@ def make_transform(cfg: NFTConfig, clean: CleanSet, g: torch.Generator, model: n
         else (SparsePerturbation if cfg.adv_norm == "l1" else UniversalPerturbation)(
             shape, cfg.adv_eps, cfg.adv_step, g.device, g, cfg.adv_starts))
     wide = None if cfg.wide <= 0 or model is None else (
-        PatchPerturbation(shape, cfg.wide_side, cfg.wide_grid, cfg.wide_step, g.device, g) if cfg.wide_norm == "patch"
+        PatchPerturbation(shape, cfg.wide_side, cfg.wide_grid, cfg.wide_step, g.device, g,
+                          None if cfg.wide_window < 0 else cfg.wide_window) if cfg.wide_norm == "patch"
         else UniversalPerturbation(shape, cfg.wide_eps, cfg.adv_step, g.device, g))
 
     def transform(x, y, step):
@@ -361,7 +378,8 @@ def make_loss(cfg: NFTConfig, teacher: nn.Module | None, transform, neurons: Neu
             out = model(x)
         if rest is not None:
             total = (nn.functional.cross_entropy(o_rest, y[rest], reduction="sum")
-                     + a * away_loss(o_wide, y[~rest], cfg.wide_flipped)) / len(x)
+                     + a * away_loss(o_wide, y[~rest], cfg.wide_flipped,
+                                     None if cfg.wide_target < 0 else cfg.wide_target)) / len(x)
         elif split:
             n = len(x)
             total = c * nn.functional.cross_entropy(out[:c], y[:c]) + (n - c - e) * away_loss(out[c:n - e], y[c:n - e])
@@ -392,14 +410,14 @@ def make_loss(cfg: NFTConfig, teacher: nn.Module | None, transform, neurons: Neu
     return loss
 
 
-def away_loss(out: torch.Tensor, y: torch.Tensor, flipped: bool = False) -> torch.Tensor:
+def away_loss(out: torch.Tensor, y: torch.Tensor, flipped: bool = False, t: int | None = None) -> torch.Tensor:
     """-log(1 - p_t), averaged over the images not of class t, where t is the class most of these
-    (perturbed) images are predicted as: what a universal perturbation that finds a backdoor does is
-    send them to its target; this undoes only that. ``y``: labels or soft targets (argmax = label).
+    (perturbed) images are predicted as (or the ``t`` given): what a universal perturbation that finds a
+    backdoor does is send them to its target; this undoes only that. ``y``: labels or soft targets (argmax = label).
     ``flipped``: only the images still predicted as t count (the sum is still divided by all not of t)."""
     p = nn.functional.softmax(out, 1)
     pred = out.detach().argmax(1)
-    t = int(torch.mode(pred).values)
+    t = int(torch.mode(pred).values) if t is None else t
     keep = (y.argmax(1) if y.dim() == 2 else y) != t
     if flipped:
         n = int(keep.sum())
@@ -430,6 +448,17 @@ def purify(model: nn.Module, clean: CleanSet, cfg: NFTConfig | None = None, runt
                                 runtime.generator(707), cfg.composite_index)
         if probe["pairs"] and cfg.composite_found:
             cfg = replace(cfg, **cfg.composite_found)
+    patches = None
+    if cfg.patch_probe > 0:  # on the model as given, before any mask
+        patches = patch_probe(model, clean.x, clean.y, cfg.wide_side, cfg.wide_grid, cfg.wide_step, cfg.patch_probe_steps,
+                              16 * cfg.wide_grid ** 2, runtime.generator(709))
+        shares = [share for share, _ in patches["windows"]]
+        patches["median"] = statistics.median(shares)
+        patches["flagged"] = [w for w, v in enumerate(shares) if v >= cfg.patch_probe
+                              and patches["median"] <= cfg.patch_probe_median]
+        if patches["flagged"]:
+            cfg = validate(replace(cfg, **{"wide_norm": "patch", "wide_window": patches["window"],
+                                           "wide_target": patches["to"], **cfg.patch_found}))
     masks = attach(model, cfg.where)
     if cfg.bn_momentum is not None:
         for m in model.modules():
@@ -501,6 +530,7 @@ def purify(model: nn.Module, clean: CleanSet, cfg: NFTConfig | None = None, runt
     extras = {"seconds": time.perf_counter() - t0, "mask_layout": masks.layout(), "num_masks": masks.numel,
               "masks_below_0.5": int((masks.values() < 0.5).sum()), "masks_reset": reset, "config": asdict(cfg),
               "stopped": stopped, **({"composite_probe": probe} if probe is not None else {}),
+              **({"patch_probe": patches} if patches is not None else {}),
               "mask_state": mask_state}
     masks.fold()
     return model, masks, history, extras

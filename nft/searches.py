@@ -121,14 +121,17 @@ class SparsePerturbation(UniversalPerturbation):
 
 
 class PatchPerturbation:
-    """Universal patches: one delta per window of a ``grid`` x ``grid`` lattice of square windows of side
+    """Universal patches: one pattern per window of a ``grid`` x ``grid`` lattice of square windows of side
     ``side`` (a fraction of the image side; the lattice runs from corner to corner, so ``grid`` 2 is the four
-    corners), any value inside its window (|delta| <= 1, the whole pixel range) and zero outside, pushed up the
-    clean loss by one signed-gradient step of ``step`` per call. Image i of a batch carries window i mod the
-    number of windows. A patch trigger (BadNets, TrojanNN's optimised square, CLB's corner checkerboards) is
-    small in area but large in norm: an L2 ball that reaches it reaches everything else too, a window does not."""
+    corners), pasted over the image inside its window (any value in [0, 1]; the image is kept outside), pushed
+    up the clean loss by one signed-gradient step of ``step`` per call. Image i of a batch carries window i mod
+    the number of windows; ``only`` keeps window ``only`` of the lattice alone. A patch trigger (BadNets,
+    TrojanNN's optimised square, CLB's corner checkerboards) is small in area but large in norm: an L2 ball that
+    reaches it reaches everything else too, a window does not. Pasting, not adding: an added delta clipped to
+    [0, 1] gets no gradient where it pushes a black background below 0, and would stay there."""
 
-    def __init__(self, shape, side: float, grid: int, step: float, device, g: torch.Generator):
+    def __init__(self, shape, side: float, grid: int, step: float, device, g: torch.Generator,
+                 only: int | None = None):
         c, h, w = shape
         k = max(1, round(side * min(h, w)))
         rows = [round(i * (h - k) / (grid - 1)) for i in range(grid)] if grid > 1 else [(h - k) // 2]
@@ -136,24 +139,32 @@ class PatchPerturbation:
         win = torch.zeros(len(rows) * len(cols), 1, h, w)
         for n, (r, q) in enumerate((r, q) for r in rows for q in cols):
             win[n, :, r:r + k, q:q + k] = 1.0
+        if only is not None:  # one window of the lattice (the one patch_probe flagged)
+            win = win[only:only + 1]
         self.window, self.side, self.step = win.to(device), k, step
-        self.delta = (torch.rand((len(win), c, h, w), generator=g, device=g.device).to(device) * 2 - 1) * self.window
+        self.pattern = torch.rand((len(win), c, h, w), generator=g, device=g.device).to(device) * self.window
 
-    def _per_image(self, d: torch.Tensor, n: int) -> torch.Tensor:
-        return d[torch.arange(n, device=d.device) % len(d)]
+    def _paste(self, x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+        i = torch.arange(len(x), device=x.device) % len(p)
+        m = self.window[i]
+        return x * (1 - m) + p[i] * m
 
     def update(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        d = self.delta.clone().requires_grad_(True)
+        p = self.pattern.clone().requires_grad_(True)
         was = model.training
         model.eval()  # no BN statistics from the search batches
-        loss = nn.functional.cross_entropy(model((x + self._per_image(d, len(x))).clamp(0, 1)), y)
-        (grad,) = torch.autograd.grad(loss, d)
+        loss = nn.functional.cross_entropy(model(self._paste(x, p)), y)
+        (grad,) = torch.autograd.grad(loss, p)
         model.train(was)
-        self.delta = ((d.detach() + self.step * grad.sign()).clamp(-1, 1)) * self.window
+        self.pattern = (p.detach() + self.step * grad.sign()).clamp(0, 1) * self.window
         return self.apply(x)
 
-    def apply(self, x: torch.Tensor) -> torch.Tensor:
-        return (x + self._per_image(self.delta, len(x))).clamp(0, 1)
+    def apply(self, x: torch.Tensor, which: int | None = None) -> torch.Tensor:
+        """``x`` with its patches (every image with window ``which``, if given)."""
+        if which is not None:
+            m = self.window[which]
+            return x * (1 - m) + self.pattern[which] * m
+        return self._paste(x, self.pattern)
 
     def ascend(self) -> None:  # update() already took its step
         return None
@@ -252,6 +263,39 @@ def universal_probe(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps_rms:
     others = (len(y) - torch.bincount(y, minlength=classes)).clamp_min(1).float()
     rate = sent / others
     return {"flip": float(rate.max()), "to": int(rate.argmax())}
+
+
+def patch_probe(model: nn.Module, x: torch.Tensor, y: torch.Tensor, side: float, grid: int, step: float, steps: int,
+                batch_size: int, g: torch.Generator) -> dict:
+    """How far a universal patch (``PatchPerturbation``'s windows, each searched for ``steps`` signed steps up
+    the loss of the frozen ``model`` on batches of the clean images ``(x, y)`` drawn with the CPU generator
+    ``g``) sends the clean images to one class: a patch trigger is a window in which one pattern sends
+    nearly every image to the target; a stroke written into a clean model's digits moves some of them.
+
+    Returns ``windows``: per window [share, class], the largest over classes c of the share of the images
+    not of class c that the window's patch sends to c; ``share``, ``to`` and ``window`` of the largest."""
+    device = next(model.parameters()).device
+    search = PatchPerturbation(tuple(x.shape[1:]), side, grid, step, device, g)
+    n = len(search.window)
+    was = model.training
+    model.eval()
+    try:
+        for _ in range(steps):
+            idx = torch.randint(0, len(x), (min(batch_size, len(x)) // n * n or n,), generator=g)
+            search.update(model, x[idx].to(device), y[idx].to(device))
+        rows = []
+        with torch.no_grad():
+            classes = int(model(x[:1].to(device)).shape[1])
+            others = (len(y) - torch.bincount(y, minlength=classes)).clamp_min(1).float()
+            for w in range(n):
+                pred = torch.cat([model(search.apply(x[i:i + 256].to(device), w)).argmax(1).cpu()
+                                  for i in range(0, len(x), 256)])
+                rate = torch.bincount(pred[pred != y], minlength=classes)[:classes].float() / others
+                rows.append([round(float(rate.max()), 4), int(rate.argmax())])
+    finally:
+        model.train(was)
+    top = max(range(n), key=lambda w: rows[w][0])
+    return {"windows": rows, "share": rows[top][0], "to": rows[top][1], "window": top}
 
 
 @torch.no_grad()

@@ -259,8 +259,8 @@ def test_l1_search_finds_a_patch_trigger_with_a_sparse_delta():
 
 
 def test_patch_search_windows_tile_the_corners_and_find_a_corner_trigger():
-    """PatchPerturbation: grid 2 puts one window in each corner; every delta is zero outside its window and
-    within the pixel range; on a model that answers class 1 exactly when the bottom-right 2x2 square is bright,
+    """PatchPerturbation: grid 2 puts one window in each corner; every pattern is zero outside its window and
+    in the pixel range, and the image is kept outside the window; on a model that answers class 1 exactly when the bottom-right 2x2 square is bright,
     the images carrying that corner's window go to class 1 and the others do not (the search does not
     invent a trigger where there is none); wide_norm='patch' makes it NFT's second search."""
     w = torch.zeros(2, 1, 8, 8)
@@ -278,7 +278,9 @@ def test_patch_search_windows_tile_the_corners_and_find_a_corner_trigger():
     for _ in range(10):
         xa = u.update(net, x, y)
         assert float(xa.min()) >= 0 and float(xa.max()) <= 1
-        assert float(u.delta.abs().max()) <= 1 and float((u.delta * (1 - u.window)).abs().sum()) == 0
+        assert torch.equal(xa * (1 - u.window[torch.arange(16) % 4]), x * (1 - u.window[torch.arange(16) % 4]))
+        assert 0 <= float(u.pattern.min()) and float(u.pattern.max()) <= 1
+        assert float((u.pattern * (1 - u.window)).abs().sum()) == 0
     pred = net(u.apply(x)).argmax(1)
     assert (pred[3::4] == 1).all() and (pred[torch.arange(16) % 4 != 3] == 0).all()
     cfg = recipe("default", steps=4, batch_size=8, wide=0.5, wide_norm="patch", wide_grid=2)
@@ -555,6 +557,62 @@ def test_composite_probe_that_finds_nothing_changes_nothing(tiny, monkeypatch):
     assert set(c["mask_state"]) > set(a["mask_state"])  # per-weight masks beside the channel ones
 
 
+def test_patch_probe_flags_the_trigger_window_only_on_a_model_with_a_patch_trigger():
+    """On a model that answers class 1 when its bottom-right 2x2 square is bright, the probe's bottom-right
+    window sends every image of class 0 there and no other window does; on the same model without that
+    route no window moves any image. It leaves the model's mode and weights as they were."""
+    from nft.searches import patch_probe
+
+    def net(trigger):
+        w = torch.zeros(2, 1, 8, 8)
+        w[1, 0, 6:, 6:] = 4.0 if trigger else 0.0
+        n = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 2))
+        with torch.no_grad():
+            n[1].weight.copy_(w.flatten(1))
+            n[1].bias.copy_(torch.tensor([8.0, 0.0]))
+        return n.train()
+
+    x, y = torch.rand(32, 1, 8, 8) * 0.2, torch.zeros(32, dtype=torch.long)
+    m = net(True)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    out = patch_probe(m, x, y, 0.25, 2, 0.2, 10, 16, torch.Generator().manual_seed(0))
+    assert m.training and all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+    assert (out["window"], out["to"], out["share"]) == (3, 1, 1.0)
+    assert [s for s, _ in out["windows"][:3]] == [0.0, 0.0, 0.0]
+    assert patch_probe(net(False), x, y, 0.25, 2, 0.2, 10, 16, torch.Generator().manual_seed(0))["share"] == 0.0
+
+
+def test_patch_probe_that_flags_nothing_changes_nothing_and_a_flag_makes_the_wide_search_a_patch(tiny, monkeypatch):
+    """The tiny BadNets model (3 epochs on 2,400 images) sends the clean images to its target from every window
+    (shares 0.78-0.89), so no window stands out and none is flagged: the masks are bit for bit those of a run
+    without the probe. A flagged window sets the wide search to that window, its away loss to the probe's
+    class, and patch_found's settings."""
+    import nft.purify as P
+
+    rt, data, attack, model, clean = tiny
+    cfg = recipe("default", steps=6, batch_size=32, composites=0.0)
+    a = purify(model, clean, cfg, rt)[3]
+    b = purify(model, clean, replace(cfg, patch_probe=0.7, patch_probe_steps=5, patch_found={"wide": 0.5}), rt)[3]
+    assert b["patch_probe"]["share"] >= 0.7 and b["patch_probe"]["median"] > 0.5  # high everywhere: no outlier
+    assert b["patch_probe"]["flagged"] == [] and b["config"]["wide"] == 0
+    assert all(torch.equal(a["mask_state"][k], b["mask_state"][k]) for k in a["mask_state"])
+    seen = {}
+    real = P.make_transform
+
+    def spy(c, *args, **kw):
+        seen["cfg"] = c
+        return real(c, *args, **kw)
+
+    monkeypatch.setattr(P, "make_transform", spy)
+    monkeypatch.setattr(P, "patch_probe", lambda *args: {"windows": [[0.1, 3]] * 8 + [[1.0, 0]], "share": 1.0,
+                                                        "to": 0, "window": 8})
+    c = purify(model, clean, replace(cfg, patch_probe=0.9, patch_found={"wide": 0.5}), rt)[3]
+    assert c["patch_probe"]["flagged"] == [8]
+    assert (c["config"]["wide"], c["config"]["wide_norm"], c["config"]["wide_window"], c["config"]["wide_target"]) == (
+        0.5, "patch", 8, 0)
+    assert seen["cfg"].wide_window == 8
+
+
 def test_universal_probe_finds_a_shortcut_to_one_class_and_not_on_a_model_without_one():
     from nft.searches import universal_probe
 
@@ -624,7 +682,8 @@ def test_nonfinite_loss_keeps_last_good_masks(tiny):
                                  {"composite_found": {"nope": 1}}, {"composite_found": {"where": "x"}},
                                  {"composite_found": {"oneshot": {}}}, {"composite_index": -1},
                                  {"wide": 1.5}, {"wide": 0.5, "adv_loss": "away"}, {"wide_eps": -1},
-                                 {"wide_bn": "train"}, {"wide_norm": "linf"}, {"wide_grid": 0}])
+                                 {"wide_bn": "train"}, {"wide_norm": "linf"}, {"wide_grid": 0}, {"wide_window": 9},
+                                 {"patch_probe": 1.5}, {"patch_found": {"patch_probe": 0.5}}, {"patch_found": {"where": "x"}}])
 def test_invalid_settings_are_refused(bad):
     with pytest.raises(NFTError, match="invalid NFT setting"):
         recipe("default", **bad)

@@ -167,6 +167,9 @@ def run(args) -> int:
     probe = extras.get("composite_probe")
     if probe and probe.get("pairs"):  # say so: NFT changed its settings for this model
         summary["composite_probe"] = probe
+    patches = extras.get("patch_probe")
+    if patches and patches.get("flagged"):  # the same for a flagged patch window
+        summary["patch_probe"] = patches
     config = extras.get("config", dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else cfg)
     new_manifest = {k: v for k, v in manifest.items() if k not in ("sha256", "weights", "code_version")}
     new_manifest["purified"] = {"defense": args.defense, "config": config, "source": os.path.abspath(args.model),
