@@ -101,8 +101,9 @@ class NFTConfig:
     # search is a patch search in the flagged windows (wide_window), its away loss on that class (wide_target), with
     # the patch_found settings; none flagged = nothing changes
     patch_probe_steps: int = 40  # signed steps of the probe's search per window
-    patch_probe_median: float = 0.5  # ... and only while the median window's share is at most this: a weak model that
-    # sends the clean images to one class from every window (the tests' 3-epoch CNN: 0.78-0.89) has no trigger window
+    patch_probe_median: float = 0.7  # ... and only while the median window's share is at most this: a weak model that
+    # sends the clean images to one class from every window (the tests' 3-epoch CNN: 0.78-0.89) has no trigger window;
+    # the mnist10k models' medians are 0.09-0.60 (benchmarks/NOTES.md §18)
     patch_found: dict = field(default_factory=dict)
     kd: float = 0.0  # weight of KL(original || masked) on the clean (MixUp) images: the original model's full
     # output on interpolated clean images says more than ten hard labels, and it is clean there
