@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import math
-import statistics
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
 
@@ -453,9 +452,7 @@ def purify(model: nn.Module, clean: CleanSet, cfg: NFTConfig | None = None, runt
     if cfg.patch_probe > 0:  # on the model as given, before any mask
         patches = patch_probe(model, clean.x, clean.y, cfg.wide_side, cfg.wide_grid, cfg.wide_step, cfg.patch_probe_steps,
                               16 * cfg.wide_grid ** 2, runtime.generator(709))
-        shares = [share for share, _ in patches["windows"]]
-        patches["median"] = statistics.median(shares)
-        patches["flagged"] = [w for w, v in enumerate(shares) if v >= cfg.patch_probe
+        patches["flagged"] = [w for w, (share, _) in enumerate(patches["windows"]) if share >= cfg.patch_probe
                               and patches["median"] <= cfg.patch_probe_median]
         if patches["flagged"]:
             cfg = validate(replace(cfg, **{"wide_norm": "patch", "wide_window": patches["window"],

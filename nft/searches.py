@@ -144,8 +144,8 @@ class PatchPerturbation:
         self.window, self.side, self.step = win.to(device), k, step
         self.pattern = torch.rand((len(win), c, h, w), generator=g, device=g.device).to(device) * self.window
 
-    def _paste(self, x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-        i = torch.arange(len(x), device=x.device) % len(p)
+    def _paste(self, x: torch.Tensor, p: torch.Tensor, which: int | None = None) -> torch.Tensor:
+        i = torch.arange(len(x), device=x.device) % len(p) if which is None else torch.full((len(x),), which, device=x.device)
         m = self.window[i]
         return x * (1 - m) + p[i] * m
 
@@ -161,10 +161,7 @@ class PatchPerturbation:
 
     def apply(self, x: torch.Tensor, which: int | None = None) -> torch.Tensor:
         """``x`` with its patches (every image with window ``which``, if given)."""
-        if which is not None:
-            m = self.window[which]
-            return x * (1 - m) + self.pattern[which] * m
-        return self._paste(x, self.pattern)
+        return self._paste(x, self.pattern, which)
 
     def ascend(self) -> None:  # update() already took its step
         return None
@@ -273,7 +270,8 @@ def patch_probe(model: nn.Module, x: torch.Tensor, y: torch.Tensor, side: float,
     nearly every image to the target; a stroke written into a clean model's digits moves some of them.
 
     Returns ``windows``: per window [share, class], the largest over classes c of the share of the images
-    not of class c that the window's patch sends to c; ``share``, ``to`` and ``window`` of the largest."""
+    not of class c that the window's patch sends to c; ``share``, ``to`` and ``window`` of the largest, and
+    the ``median`` window's share."""
     device = next(model.parameters()).device
     search = PatchPerturbation(tuple(x.shape[1:]), side, grid, step, device, g)
     n = len(search.window)
@@ -295,7 +293,8 @@ def patch_probe(model: nn.Module, x: torch.Tensor, y: torch.Tensor, side: float,
     finally:
         model.train(was)
     top = max(range(n), key=lambda w: rows[w][0])
-    return {"windows": rows, "share": rows[top][0], "to": rows[top][1], "window": top}
+    return {"windows": rows, "share": rows[top][0], "to": rows[top][1], "window": top,
+            "median": statistics.median(r[0] for r in rows)}
 
 
 @torch.no_grad()

@@ -605,7 +605,7 @@ def test_patch_probe_that_flags_nothing_changes_nothing_and_a_flag_makes_the_wid
 
     monkeypatch.setattr(P, "make_transform", spy)
     monkeypatch.setattr(P, "patch_probe", lambda *args: {"windows": [[0.1, 3]] * 8 + [[1.0, 0]], "share": 1.0,
-                                                        "to": 0, "window": 8})
+                                                        "to": 0, "window": 8, "median": 0.1})
     c = purify(model, clean, replace(cfg, patch_probe=0.9, patch_found={"wide": 0.5}), rt)[3]
     assert c["patch_probe"]["flagged"] == [8]
     assert (c["config"]["wide"], c["config"]["wide_norm"], c["config"]["wide_window"], c["config"]["wide_target"]) == (
