@@ -49,6 +49,8 @@ class NFTConfig:
     wide_side: float = 0.25
     wide_grid: int = 3
     wide_step: float = 0.1
+    wide_corners: bool = False  # wide_norm 'patch' and patch_probe: one more window, the four corner windows at once (one
+    # pattern across them, index wide_grid^2; CLB's trigger is in every corner and no single window fires it)
     wide_window: int = -1  # wide_norm 'patch': only this window of the lattice (row-major; -1 = all of them)
     wide_target: int = -1  # the class the wide rows' away loss pushes down (-1: the one most of them are predicted as)
     wide_flipped: bool = False  # the away loss only on the wide rows the perturbation currently sends to t (none
@@ -141,12 +143,18 @@ RECIPES: dict[str, dict] = {
     # CBA, which no perturbation of one image describes and channel masks could not unlearn even when told
     # the pair), a quarter of a batch more are those composites labelled half each class, and the masks
     # are per weight (Adam): CBA 82.1 -> 2.7 % ASR on the dev half; on the 17 other models the probe flags
-    # nothing and the run is bit for bit the run without it (NOTES.md §16).
+    # nothing and the run is bit for bit the run without it (NOTES.md §16). Then a patch probe: if one window of a
+    # 3x3 lattice of quarter-side squares (or the four corner squares at once) holds a pattern that sends >= 99 % of
+    # the clean images to one class, half a batch more carry a patch searched in that window, pushed away from that
+    # class: TrojanNN's optimised square and CLB's four corners are large in norm and small in area, beyond the
+    # 0.15 ball (NOTES.md §18, §19); nothing flagged = bit for bit the run without it. Not in one-shot mode, where
+    # it only cost ACC (§18).
     "default": {"where": "auto", "adv": 0.5, "adv_until": 0.5, "adv_after": 0.0625, "steps": 200, "batch_size": 64,
                 "neuron": 0.5, "neuron_until": 0.5,
                 "composites": 0.25, "composite_found": {"where": "weight", "optimizer": "adam", "lr": 0.01},
+                "patch_probe": 0.99, "wide_corners": True, "patch_found": {"wide": 0.5},
                 "l1": 2e-5, "l1_per_class": False, "bn_recal": 50, "bn_recal_mode": "delta",
-                "oneshot_upto": 1, "oneshot": {"adv_after": 0.125}},
+                "oneshot_upto": 1, "oneshot": {"adv_after": 0.125, "patch_probe": 0.0}},
 }
 
 
@@ -181,9 +189,10 @@ def validate(cfg: NFTConfig) -> NFTConfig:
          "wide must be in [0, 1], wide_eps >= 0, and wide needs adv_loss='ce' (its own images take the 'away' loss)"),
         (cfg.wide_bn in ("batch", "eval"), "wide_bn must be 'batch' or 'eval'"),
         (cfg.wide_norm in ("l2", "patch") and 0 < cfg.wide_side <= 1 and cfg.wide_grid >= 1 and cfg.wide_step >= 0
-         and -1 <= cfg.wide_window < cfg.wide_grid ** 2 and cfg.wide_target >= -1,
+         and -1 <= cfg.wide_window < cfg.wide_grid ** 2 + (cfg.wide_corners and cfg.wide_grid > 1)
+         and cfg.wide_target >= -1,
          "wide_norm must be 'l2' or 'patch', wide_side in (0, 1], wide_grid >= 1, wide_step >= 0, wide_window in "
-         "[-1, wide_grid^2), wide_target >= -1"),
+         "[-1, wide_grid^2) (wide_grid^2 too with wide_corners), wide_target >= -1"),
         (cfg.adv_mode == "universal" or not (cfg.adv_free or cfg.adv_frozen),
          "adv_free and adv_frozen need adv_mode='universal'"),
         (cfg.adv_image_steps >= 1 and cfg.adv_starts >= 1, "adv_image_steps and adv_starts must be >= 1"),

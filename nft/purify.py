@@ -64,7 +64,7 @@ def make_transform(cfg: NFTConfig, clean: CleanSet, g: torch.Generator, model: n
             shape, cfg.adv_eps, cfg.adv_step, g.device, g, cfg.adv_starts))
     wide = None if cfg.wide <= 0 or model is None else (
         PatchPerturbation(shape, cfg.wide_side, cfg.wide_grid, cfg.wide_step, g.device, g,
-                          None if cfg.wide_window < 0 else cfg.wide_window) if cfg.wide_norm == "patch"
+                          None if cfg.wide_window < 0 else cfg.wide_window, cfg.wide_corners) if cfg.wide_norm == "patch"
         else UniversalPerturbation(shape, cfg.wide_eps, cfg.adv_step, g.device, g))
 
     def transform(x, y, step):
@@ -224,7 +224,7 @@ def purify(model: nn.Module, clean: CleanSet, cfg: NFTConfig | None = None, runt
     patches = None
     if cfg.patch_probe > 0:  # on the model as given, before any mask
         patches = patch_probe(model, clean.x, clean.y, cfg.wide_side, cfg.wide_grid, cfg.wide_step, cfg.patch_probe_steps,
-                              16 * cfg.wide_grid ** 2, runtime.generator(709))
+                              16 * cfg.wide_grid ** 2, runtime.generator(709), cfg.wide_corners)
         patches["flagged"] = [w for w, (share, _) in enumerate(patches["windows"]) if share >= cfg.patch_probe
                               and patches["median"] <= cfg.patch_probe_median]
         if patches["flagged"]:

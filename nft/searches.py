@@ -125,13 +125,15 @@ class PatchPerturbation:
     ``side`` (a fraction of the image side; the lattice runs from corner to corner, so ``grid`` 2 is the four
     corners), pasted over the image inside its window (any value in [0, 1]; the image is kept outside), pushed
     up the clean loss by one signed-gradient step of ``step`` per call. Image i of a batch carries window i mod
-    the number of windows; ``only`` keeps window ``only`` of the lattice alone. A patch trigger (BadNets,
+    the number of windows; ``corners`` adds one more window (index ``grid``^2, when ``grid`` >= 2): the four corner
+    windows at once, a single pattern across them (CLB's trigger is a checkerboard in every corner, so that it
+    survives a flip; no single window fires it); ``only`` keeps window ``only`` alone. A patch trigger (BadNets,
     TrojanNN's optimised square, CLB's corner checkerboards) is small in area but large in norm: an L2 ball that
     reaches it reaches everything else too, a window does not. Pasting, not adding: an added delta clipped to
     [0, 1] gets no gradient where it pushes a black background below 0, and would stay there."""
 
     def __init__(self, shape, side: float, grid: int, step: float, device, g: torch.Generator,
-                 only: int | None = None):
+                 only: int | None = None, corners: bool = False):
         c, h, w = shape
         k = max(1, round(side * min(h, w)))
         rows = [round(i * (h - k) / (grid - 1)) for i in range(grid)] if grid > 1 else [(h - k) // 2]
@@ -139,6 +141,8 @@ class PatchPerturbation:
         win = torch.zeros(len(rows) * len(cols), 1, h, w)
         for n, (r, q) in enumerate((r, q) for r in rows for q in cols):
             win[n, :, r:r + k, q:q + k] = 1.0
+        if corners and grid > 1:
+            win = torch.cat([win, win[[0, grid - 1, grid * (grid - 1), grid * grid - 1]].amax(0, keepdim=True)])
         if only is not None:  # one window of the lattice (the one patch_probe flagged)
             win = win[only:only + 1]
         self.window, self.side, self.step = win.to(device), k, step
@@ -235,7 +239,7 @@ class NeuronPerturbation:
 
 
 def universal_probe(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps_rms: float, step: float, steps: int,
-                    batch_size: int, g: torch.Generator) -> dict:
+                    batch_size: int, g: torch.Generator, corners: bool = False) -> dict:
     """How far one universal delta, searched for ``steps`` normalised-gradient steps up the loss of the
     frozen ``model`` on the clean images ``(x, y)`` (batches drawn with ``g``), sends them to one class.
 
@@ -263,38 +267,44 @@ def universal_probe(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps_rms:
 
 
 def patch_probe(model: nn.Module, x: torch.Tensor, y: torch.Tensor, side: float, grid: int, step: float, steps: int,
-                batch_size: int, g: torch.Generator) -> dict:
+                batch_size: int, g: torch.Generator, corners: bool = False) -> dict:
     """How far a universal patch (``PatchPerturbation``'s windows, each searched for ``steps`` signed steps up
     the loss of the frozen ``model`` on batches of the clean images ``(x, y)`` drawn with the CPU generator
     ``g``) sends the clean images to one class: a patch trigger is a window in which one pattern sends
     nearly every image to the target; a stroke written into a clean model's digits moves some of them.
 
     Returns ``windows``: per window [share, class], the largest over classes c of the share of the images
-    not of class c that the window's patch sends to c; ``share``, ``to`` and ``window`` of the largest, and
-    the ``median`` window's share."""
+    not of class c that the window's patch sends to c; ``share``, ``to`` and ``window`` of the largest (the first
+    of equal ones), and the ``median`` share of the lattice's windows. ``corners``: then the four-corner window
+    (``PatchPerturbation``'s last, searched on its own with one window's share of a batch) is the last row."""
     device = next(model.parameters()).device
-    search = PatchPerturbation(tuple(x.shape[1:]), side, grid, step, device, g)
-    n = len(search.window)
+    shape = tuple(x.shape[1:])
+    lattice = PatchPerturbation(shape, side, grid, step, device, g)
+    n = len(lattice.window)
+    searches = [lambda: (lattice, n)] + ([lambda: (PatchPerturbation(shape, side, grid, step, device, g, only=n,
+                                                                    corners=True), 1)] if corners and grid > 1 else [])
     was = model.training
     model.eval()
     try:
-        for _ in range(steps):
-            idx = torch.randint(0, len(x), (min(batch_size, len(x)) // n * n or n,), generator=g)
-            search.update(model, x[idx].to(device), y[idx].to(device))
         rows = []
-        with torch.no_grad():
-            classes = int(model(x[:1].to(device)).shape[1])
-            others = (len(y) - torch.bincount(y, minlength=classes)).clamp_min(1).float()
-            for w in range(n):
-                pred = torch.cat([model(search.apply(x[i:i + 256].to(device), w)).argmax(1).cpu()
-                                  for i in range(0, len(x), 256)])
-                rate = torch.bincount(pred[pred != y], minlength=classes)[:classes].float() / others
-                rows.append([round(float(rate.max()), 4), int(rate.argmax())])
+        for make in searches:  # made in turn: the lattice's search draws from g as it would alone
+            search, k = make()
+            for _ in range(steps):
+                idx = torch.randint(0, len(x), (min(batch_size, len(x)) // n * k or k,), generator=g)
+                search.update(model, x[idx].to(device), y[idx].to(device))
+            with torch.no_grad():
+                classes = int(model(x[:1].to(device)).shape[1])
+                others = (len(y) - torch.bincount(y, minlength=classes)).clamp_min(1).float()
+                for w in range(k):
+                    pred = torch.cat([model(search.apply(x[i:i + 256].to(device), w)).argmax(1).cpu()
+                                      for i in range(0, len(x), 256)])
+                    rate = torch.bincount(pred[pred != y], minlength=classes)[:classes].float() / others
+                    rows.append([round(float(rate.max()), 4), int(rate.argmax())])
     finally:
         model.train(was)
-    top = max(range(n), key=lambda w: rows[w][0])
+    top = max(range(len(rows)), key=lambda w: rows[w][0])
     return {"windows": rows, "share": rows[top][0], "to": rows[top][1], "window": top,
-            "median": statistics.median(r[0] for r in rows)}
+            "median": statistics.median(r[0] for r in rows[:n])}
 
 
 @torch.no_grad()

@@ -10,7 +10,7 @@ from nft.attacks import build_attack
 from nft.data import CleanSet, load_dataset
 from nft.errors import NFTError
 from nft.evaluate import evaluate
-from nft.purify import RECIPES, NFTConfig, make_transform, purify, recipe
+from nft.purify import RECIPES, NFTConfig, make_transform, purify, recipe, validate
 from nft.searches import ImagePerturbation, NeuronPerturbation, PatchPerturbation, SparsePerturbation, UniversalPerturbation
 from nft.trainer import TrainConfig, train_model
 
@@ -580,6 +580,36 @@ def test_patch_probe_flags_the_trigger_window_only_on_a_model_with_a_patch_trigg
     assert (out["window"], out["to"], out["share"]) == (3, 1, 1.0)
     assert [s for s, _ in out["windows"][:3]] == [0.0, 0.0, 0.0]
     assert patch_probe(net(False), x, y, 0.25, 2, 0.2, 10, 16, torch.Generator().manual_seed(0))["share"] == 0.0
+
+
+def test_the_four_corner_window_finds_a_trigger_split_over_the_corners_and_leaves_the_lattice_as_it_was():
+    """``corners``: one more window, the four corner windows at once (``only`` keeps it alone). On
+    a model that answers class 1 only when all four 2x2 corners are bright (CLB's trigger is in every corner), no
+    single window moves an image and the four-corner window sends them all; the lattice's rows are those of the
+    probe without it (same generator)."""
+    from nft.searches import patch_probe
+
+    u = PatchPerturbation((1, 12, 12), 0.25, 3, 0.2, "cpu", torch.Generator().manual_seed(3), corners=True)
+    four = torch.zeros(1, 12, 12)
+    four[:, :3, :3] = four[:, :3, -3:] = four[:, -3:, :3] = four[:, -3:, -3:] = 1
+    assert u.window.shape == (10, 1, 12, 12) and torch.equal(u.window[9], four)
+    assert torch.equal(u.window[9], u.window[[0, 2, 6, 8]].sum(0))
+    one = PatchPerturbation((1, 12, 12), 0.25, 3, 0.2, "cpu", torch.Generator().manual_seed(3), only=9, corners=True)
+    assert one.window.shape == (1, 1, 12, 12) and torch.equal(one.window[0], four)
+    w = torch.zeros(2, 1, 16, 16)
+    w[1, :, :2, :2] = w[1, :, :2, -2:] = w[1, :, -2:, :2] = w[1, :, -2:, -2:] = 0.6  # 1 corner 2.4, 3: 7.2, 4: 9.6
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(256, 2))
+    with torch.no_grad():
+        net[1].weight.copy_(w.flatten(1))
+        net[1].bias.copy_(torch.tensor([8.0, 0.0]))
+    x, y = torch.rand(32, 1, 16, 16) * 0.1, torch.zeros(32, dtype=torch.long)
+    out = patch_probe(net, x, y, 0.25, 2, 0.2, 10, 16, torch.Generator().manual_seed(0), corners=True)
+    alone = patch_probe(net, x, y, 0.25, 2, 0.2, 10, 16, torch.Generator().manual_seed(0))
+    assert out["windows"][:4] == alone["windows"] == [[0.0, 0]] * 4 and out["median"] == alone["median"]
+    assert (out["window"], out["to"], out["share"]) == (4, 1, 1.0)
+    assert validate(replace(recipe("default"), wide_corners=True, wide_window=9)).wide_window == 9
+    with pytest.raises(NFTError, match="wide_window"):
+        validate(replace(recipe("default"), wide_window=9))
 
 
 def test_patch_probe_that_flags_nothing_changes_nothing_and_a_flag_makes_the_wide_search_a_patch(tiny, monkeypatch):
