@@ -222,10 +222,11 @@ def validate(cfg: NFTConfig) -> NFTConfig:
     for ok, msg in checks:
         if not ok:
             raise NFTError(f"invalid NFT setting: {msg}")
-    for name, where in (("composite_found", "with composite_found={}"), ("patch_found", "with patch_found={}"),
-                        ("oneshot", "in one-shot mode, with oneshot={}; set oneshot={{}} to turn it off")):
+    for name, where, on in (("composite_found", "with composite_found={}", cfg.composites > 0),
+                            ("patch_found", "with patch_found={}; patch_probe=0 turns it off", cfg.patch_probe > 0),
+                            ("oneshot", "in one-shot mode, with oneshot={}; set oneshot={{}} to turn it off", True)):
         value = getattr(cfg, name)
-        if value:
+        if value and on:  # settings a probe applies are checked only while the probe is on
             try:
                 validate(replace(cfg, **{name: {}}, **value))
             except NFTError as e:

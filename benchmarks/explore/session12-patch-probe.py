@@ -34,7 +34,8 @@ def main():
     for run in a.runs:
         model, man = load_model(run)
         data = dataset_of(man)
-        clean = clean_set(data.heldout, data.num_classes, data.augment, per_class=a.per_class, seed=0)
+        clean = clean_set(data.heldout, data.num_classes, data.augment, per_class=a.per_class,
+                          seed=man.get("seed", 0))  # the grid's pick: the model's seed (all session-12 lines: 0)
         t0 = time.perf_counter()
         p = patch_probe(model, clean.x, clean.y, a.side, a.grid, a.step, a.steps, a.batch, torch.Generator().manual_seed(a.gen_seed),
                         a.corners)
