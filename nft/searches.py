@@ -239,7 +239,7 @@ class NeuronPerturbation:
 
 
 def universal_probe(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps_rms: float, step: float, steps: int,
-                    batch_size: int, g: torch.Generator, corners: bool = False) -> dict:
+                    batch_size: int, g: torch.Generator) -> dict:
     """How far one universal delta, searched for ``steps`` normalised-gradient steps up the loss of the
     frozen ``model`` on the clean images ``(x, y)`` (batches drawn with ``g``), sends them to one class.
 
@@ -281,25 +281,29 @@ def patch_probe(model: nn.Module, x: torch.Tensor, y: torch.Tensor, side: float,
     shape = tuple(x.shape[1:])
     lattice = PatchPerturbation(shape, side, grid, step, device, g)
     n = len(lattice.window)
-    searches = [lambda: (lattice, n)] + ([lambda: (PatchPerturbation(shape, side, grid, step, device, g, only=n,
-                                                                    corners=True), 1)] if corners and grid > 1 else [])
+
+    def search_and_score(search: PatchPerturbation) -> list:
+        k = len(search.window)  # a batch gives each window the same share: batch_size / n images
+        for _ in range(steps):
+            idx = torch.randint(0, len(x), (min(batch_size, len(x)) // n * k or k,), generator=g)
+            search.update(model, x[idx].to(device), y[idx].to(device))
+        with torch.no_grad():
+            classes = int(model(x[:1].to(device)).shape[1])
+            others = (len(y) - torch.bincount(y, minlength=classes)).clamp_min(1).float()
+            rows = []
+            for w in range(k):
+                pred = torch.cat([model(search.apply(x[i:i + 256].to(device), w)).argmax(1).cpu()
+                                  for i in range(0, len(x), 256)])
+                rate = torch.bincount(pred[pred != y], minlength=classes)[:classes].float() / others
+                rows.append([round(float(rate.max()), 4), int(rate.argmax())])
+        return rows
+
     was = model.training
     model.eval()
     try:
-        rows = []
-        for make in searches:  # made in turn: the lattice's search draws from g as it would alone
-            search, k = make()
-            for _ in range(steps):
-                idx = torch.randint(0, len(x), (min(batch_size, len(x)) // n * k or k,), generator=g)
-                search.update(model, x[idx].to(device), y[idx].to(device))
-            with torch.no_grad():
-                classes = int(model(x[:1].to(device)).shape[1])
-                others = (len(y) - torch.bincount(y, minlength=classes)).clamp_min(1).float()
-                for w in range(k):
-                    pred = torch.cat([model(search.apply(x[i:i + 256].to(device), w)).argmax(1).cpu()
-                                      for i in range(0, len(x), 256)])
-                    rate = torch.bincount(pred[pred != y], minlength=classes)[:classes].float() / others
-                    rows.append([round(float(rate.max()), 4), int(rate.argmax())])
+        rows = search_and_score(lattice)
+        if corners and grid > 1:  # made after the lattice's search, which so draws from g as it would alone
+            rows += search_and_score(PatchPerturbation(shape, side, grid, step, device, g, only=n, corners=True))
     finally:
         model.train(was)
     top = max(range(len(rows)), key=lambda w: rows[w][0])
