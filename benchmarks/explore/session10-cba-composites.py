@@ -20,8 +20,8 @@ MODE, K = os.environ.get("COMPOSITES", "all"), int(os.environ.get("K", "16"))
 _make = P.make_transform
 
 
-def make_transform(cfg, clean, g, model=None):
-    inner = _make(cfg, clean, g, model)
+def make_transform(cfg, clean, g, model=None, *args, **kw):
+    inner = _make(cfg, clean, g, model, *args, **kw)
     nc, xs, ys = clean.num_classes, clean.x, clean.y
     gc = torch.Generator().manual_seed(77)
 
@@ -45,7 +45,8 @@ def make_transform(cfg, clean, g, model=None):
         return torch.cat([xm, comp]), torch.cat([ym, yc.to(dev)])
 
     transform.clean = inner.clean
-    transform.adv = inner.adv
+    transform.adv, transform.wide = inner.adv, inner.wide
+    transform.extra = transform.away = 0  # the oracle's composites are plain rows (cross-entropy), like MixUp's
     return transform
 
 
