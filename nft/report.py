@@ -92,16 +92,30 @@ def _by_seed(groups, attack: str, defense: str, size, metric: str) -> dict[int, 
     return {r["seed"]: float(r[metric]) for r in groups.get(key, []) if r.get(metric) is not None}
 
 
+def drop_by_seed(groups, attack: str, defense: str, size, metric: str) -> dict[int, float]:
+    """seed -> (the defended model's ``metric`` - the cell's), in points. The defended model's value is the
+    record's own ``before`` (measured on the very model the defense ran on), or, in records without it, the No
+    Defense cell of that (attack, seed): a model rebuilt later (a fit attack's on another CPU, a re-run row) can
+    differ from the one the No Defense cell measured."""
+    base = _by_seed(groups, attack, NO_DEFENSE, None, metric)
+    out = {}
+    for r in groups.get((attack, defense, None if defense == NO_DEFENSE else size), []):
+        before = (r.get("before") or {}).get(metric)
+        ref = before if before is not None else base.get(r["seed"])
+        if ref is not None and r.get(metric) is not None:
+            out[r["seed"]] = float(ref) - float(r[metric])
+    return out
+
+
 def avg_drop(groups, attacks: list[str], defense: str, size, metric: str) -> tuple[float | None, float | None, int]:
     """The paper's Avg. Drop of ``metric`` for ``defense``: mean over attacks (not Benign) of
-    (No Defense - defended) in points; each attack's drop is the mean over the seeds that have both
-    cells (with every cell present, this is the drop of the seed means). Returns (mean, std over
-    seeds of the per-seed Avg. Drop (seeds where every attack has both cells), number of attacks)."""
+    (No Defense - defended) in points (``drop_by_seed``: against the record's own model); each attack's drop
+    is the mean over its seeds (with every cell present, this is the drop of the seed means). Returns (mean,
+    std over seeds of the per-seed Avg. Drop (seeds where every attack has a cell), number of attacks)."""
     real = [a for a in attacks if a != BENIGN]
     per_attack, per_seed = [], defaultdict(list)
     for a in real:
-        base, d = _by_seed(groups, a, NO_DEFENSE, None, metric), _by_seed(groups, a, defense, size, metric)
-        pairs = {s: base[s] - d[s] for s in base if s in d}
+        pairs = drop_by_seed(groups, a, defense, size, metric)
         if pairs:
             per_attack.append(statistics.fmean(pairs.values()))
         for s, v in pairs.items():

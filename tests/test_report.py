@@ -214,6 +214,25 @@ def test_report_of_a_real_bench_grid_with_tsne(tmp_path, capsys):
     assert "± " in md and "| Benign |" in md and "| badnets |" in md
 
 
+def test_drops_are_taken_against_the_model_each_record_defended():
+    """A cell whose ``before`` (its own model, e.g. rebuilt on another CPU) differs from the No Defense cell's
+    model drops from its own; a record without ``before`` falls back to the No Defense cell."""
+    from nft.report import drop_by_seed
+    from nft.report_claims import claims_table
+
+    recs = [rec("a1", NO_DEFENSE, 0, 90, 100), rec("a1", NO_DEFENSE, 1, 92, 98)]
+    recs += [rec("a1", "nft:default", 0, 89, 2, before={"acc": 95.0, "asr": 99.0, "ra": 0.0}),
+             rec("a1", "nft:default", 1, 91, 4), rec("a1", "ibau", 0, 80, 10)]
+    g = group(recs)
+    assert drop_by_seed(g, "a1", "nft:default", 50, "acc") == {0: pytest.approx(6.0), 1: pytest.approx(1.0)}
+    assert drop_by_seed(g, "a1", "nft:default", 50, "asr") == {0: pytest.approx(97.0), 1: pytest.approx(94.0)}
+    assert avg_drop(g, ["a1"], "nft:default", 50, "acc")[0] == pytest.approx(3.5)
+    rows = {r[0]: r[1:] for r in claims_table(sections(recs)[0]).rows}
+    assert rows["50/class: average ACC drop <= 1"] == ["3.50", "**not met**", "1/1"]
+    # against I-BAU on (a1, seed 0), each against its own model: 95 - 89 = 6 vs 90 - 80 = 10
+    assert rows["ACC drop smaller than IBAU's"] == ["6.00 vs 10.00", "met", "1/1"]
+
+
 def test_claims_table_checks_targets_and_pairs_cells():
     """NFT default against the targets and a baseline, on hand-made records: only cells both have count."""
     from nft.report_claims import claims_table
