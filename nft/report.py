@@ -82,14 +82,17 @@ def group(records: list[dict]) -> dict[tuple, list[dict]]:
     return out
 
 
+def _cell(groups, attack: str, defense: str, size) -> list[dict]:
+    """The records of one cell (one per seed); No Defense cells have no clean-set size."""
+    return groups.get((attack, defense, None if defense == NO_DEFENSE else size), [])
+
+
 def cell_stats(groups, attack: str, defense: str, size, metric: str):
-    key = (attack, defense, None if defense == NO_DEFENSE else size)
-    return mean_std(r.get(metric) for r in groups.get(key, []))
+    return mean_std(r.get(metric) for r in _cell(groups, attack, defense, size))
 
 
 def _by_seed(groups, attack: str, defense: str, size, metric: str) -> dict[int, float]:
-    key = (attack, defense, None if defense == NO_DEFENSE else size)
-    return {r["seed"]: float(r[metric]) for r in groups.get(key, []) if r.get(metric) is not None}
+    return {r["seed"]: float(r[metric]) for r in _cell(groups, attack, defense, size) if r.get(metric) is not None}
 
 
 def drop_by_seed(groups, attack: str, defense: str, size, metric: str) -> dict[int, float]:
@@ -99,7 +102,7 @@ def drop_by_seed(groups, attack: str, defense: str, size, metric: str) -> dict[i
     differ from the one the No Defense cell measured."""
     base = _by_seed(groups, attack, NO_DEFENSE, None, metric)
     out = {}
-    for r in groups.get((attack, defense, None if defense == NO_DEFENSE else size), []):
+    for r in _cell(groups, attack, defense, size):
         before = (r.get("before") or {}).get(metric)
         ref = before if before is not None else base.get(r["seed"])
         if ref is not None and r.get(metric) is not None:

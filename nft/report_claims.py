@@ -14,17 +14,17 @@ TARGETS = {"main": (2.0, 1.0), 1: (5.0, 2.0)}  # (average ASR <=, average ACC dr
 TIMED_AGAINST = ("anp", "ibau", "ftsam", "awm")  # the paper says NFT is faster than these
 
 
-def _paired(groups, attacks, defenses, size, metric, fn) -> tuple[float | None, int]:
-    """Mean over attacks of the mean over seeds of ``fn(values)``, where ``values`` holds ``metric``
-    for each defense in ``defenses`` on that attack and seed (for ``("drop", d)``: d's drop against the model it
-    defended, ``report.drop_by_seed``); only
-    (attack, seed) pairs where every one of those cells exists count. Returns (mean, attacks used)."""
+def _paired(groups, attacks, defenses, size, metric, fn, drop: bool = False) -> tuple[float | None, int]:
+    """Mean over attacks of the mean over seeds of ``fn(values)``, where ``values`` holds ``metric`` for each
+    defense in ``defenses`` on that attack and seed (``drop``: each defense's drop of ``metric`` against the model
+    it defended, ``report.drop_by_seed``); only (attack, seed) pairs where every one of those cells exists count.
+    Returns (mean, attacks used)."""
     per_attack = []
+    by_seed = drop_by_seed if drop else _by_seed
     for a in attacks:
         if a == BENIGN:
             continue
-        cells = [drop_by_seed(groups, a, d[1], size, metric) if isinstance(d, tuple) else _by_seed(groups, a, d, size, metric)
-                 for d in defenses]
+        cells = [by_seed(groups, a, d, size, metric) for d in defenses]
         seeds = set.intersection(*(set(c) for c in cells))
         if seeds:
             per_attack.append(statistics.fmean(fn(*(c[s] for c in cells)) for s in sorted(seeds)))
@@ -53,7 +53,7 @@ def claims_table(sec: Section) -> Table | None:
         if n not in sec.sizes:
             continue
         asr, k = _paired(g, real, [PROPOSED], n, "asr", lambda v: v)
-        drop, _ = _paired(g, real, [("drop", PROPOSED)], n, "acc", lambda v: v)
+        drop, _ = _paired(g, real, [PROPOSED], n, "acc", lambda v: v, drop=True)
         if asr is None:
             continue
         rows.append([f"{n}/class: average ASR <= {asr_max:g}", f"{asr:.2f}", verdict(asr <= asr_max), f"{k}/{len(real)}"])
@@ -64,15 +64,15 @@ def claims_table(sec: Section) -> Table | None:
     for d in sec.defenses:
         if d in (NO_DEFENSE, PROPOSED):
             continue
-        both = [("drop", PROPOSED), ("drop", d)]
-        ours, k = _paired(g, real, both, n, "asr", lambda v, o: v)
-        theirs, _ = _paired(g, real, both, n, "asr", lambda v, o: o)
+        both = [PROPOSED, d]
+        ours, k = _paired(g, real, both, n, "asr", lambda v, o: v, drop=True)
+        theirs, _ = _paired(g, real, both, n, "asr", lambda v, o: o, drop=True)
         if ours is None:
             continue
         rows.append([f"ASR drop larger than {defense_label(d)}'s", f"{ours:.2f} vs {theirs:.2f}",
                      verdict(ours > theirs), f"{k}/{len(real)}"])
-        ours, _ = _paired(g, real, both, n, "acc", lambda v, o: v)
-        theirs, _ = _paired(g, real, both, n, "acc", lambda v, o: o)
+        ours, _ = _paired(g, real, both, n, "acc", lambda v, o: v, drop=True)
+        theirs, _ = _paired(g, real, both, n, "acc", lambda v, o: o, drop=True)
         rows.append([f"ACC drop smaller than {defense_label(d)}'s", f"{ours:.2f} vs {theirs:.2f}",
                      verdict(ours < theirs), f"{k}/{len(real)}"])
         if d.partition(":")[0] in TIMED_AGAINST:
