@@ -149,13 +149,15 @@ RECIPES: dict[str, dict] = {
     # class: TrojanNN's optimised square and CLB's four corners are large in norm and small in area, beyond the
     # 0.15 ball (NOTES.md §18, §19); nothing flagged = bit for bit the run without it. One-shot mode runs it too
     # since session 16 (§20: on the dev half CLB 28.3 -> 10.6 and TrojanNN 12.7 -> 8.2 % ASR with ten images, for
-    # 0.3 points of ACC on the five models it flags; §18 had left it off there on BadNets' ACC alone).
+    # 0.3 points of ACC on the five models it flags; §18 had left it off there on BadNets' ACC alone). With one image
+    # per class a flagged pair's composites are all cut from the same two images, and a quarter of a batch of them
+    # left CBA at 34-38 % on the dev half; one-shot mode takes half a batch (CBA s1 / s2 -> 17 / 17, §21).
     "default": {"where": "auto", "adv": 0.5, "adv_until": 0.5, "adv_after": 0.0625, "steps": 200, "batch_size": 64,
                 "neuron": 0.5, "neuron_until": 0.5,
                 "composites": 0.25, "composite_found": {"where": "weight", "optimizer": "adam", "lr": 0.01},
                 "patch_probe": 0.99, "wide_corners": True, "patch_found": {"wide": 0.5},
                 "l1": 2e-5, "l1_per_class": False, "bn_recal": 50, "bn_recal_mode": "delta",
-                "oneshot_upto": 1, "oneshot": {"adv_after": 0.125}},
+                "oneshot_upto": 1, "oneshot": {"adv_after": 0.125, "composites": 0.5}},
 }
 
 
