@@ -1,7 +1,9 @@
 """Time defenses against NFT `default` on the same model, clean set and process: a ratio, not a timing.
 
     python benchmarks/timing.py MODEL_DIR --defenses nft:default,ibau,ftsam,awm --rounds 2 \
-        --threads 1 --out benchmarks/timing.json
+        --threads 1 --out benchmarks/results/mnist10k/timing/ATTACK-sSEED.json
+
+``nft report RESULTS`` reads ``RESULTS/timing/*.json`` into its claims table ("less CPU time than X, one process").
 
 Grid seconds (`nft bench`) are wall-clock on a shared 2-core machine, so they compare only within
 one batch of cells. Here every defense runs ``--rounds`` times, in alternating order (A B C, C B A,
@@ -11,6 +13,7 @@ defense's own compute, which another job on the other core inflates less). ACC/A
 """
 import argparse
 import json
+import os
 import statistics
 import time
 
@@ -60,8 +63,12 @@ def main():
     table += [f"| {d} | {med[d]:.1f} | {med[d] / ref:.2f} | {cpu[d]:.1f} | {cpu[d] / cref:.2f} |" for d in names]
     print("\n".join(table))
     if a.out:
+        spec = man.get("bench_model") or {}
+        where = {"dataset": spec.get("dataset"), "model": man.get("arch"), "model_kwargs": man.get("arch_kwargs") or {},
+                 "attack": spec.get("attack"), "seed": spec.get("seed"), "per_class": a.per_class}
+        os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
         with open(a.out, "w") as f:
-            json.dump({"model": a.model, "threads": a.threads, "rounds": a.rounds, "runs": runs, "median": med, "median_cpu": cpu,
+            json.dump({**where, "model_dir": a.model, "threads": a.threads, "rounds": a.rounds, "runs": runs, "median": med, "median_cpu": cpu,
                        "table": table}, f, indent=1)
 
 

@@ -165,6 +165,12 @@ def _setting(r: dict) -> tuple:
     return tuple((k, m.get(k)) for k in SETTING_KEYS)
 
 
+def section_name(dataset: str, model: str, model_kwargs: dict | None) -> str:
+    """'dataset · model (k=v, ...)': the name of the section a (dataset, model, its kwargs) falls in."""
+    kw = ", ".join(f"{k}={v}" for k, v in sorted((model_kwargs or {}).items()))
+    return f"{dataset} · {model}" + (f" ({kw})" if kw else "")
+
+
 def sections(records: list[dict], size: int | None = None) -> list[Section]:
     """One section per (dataset, model, its kwargs), like the paper's Table 1, whose attacks may each
     have their own training setting (SIG and CLB poison at a lower rate; the settings list says so).
@@ -172,8 +178,7 @@ def sections(records: list[dict], size: int | None = None) -> list[Section]:
     section split per setting, with the setting that differs in its name."""
     by_base = defaultdict(list)
     for r in records:
-        kw = ", ".join(f"{k}={v}" for k, v in sorted((r.get("model_kwargs") or {}).items()))
-        by_base[f"{r['dataset']} · {r['model']}" + (f" ({kw})" if kw else "")].append(r)
+        by_base[section_name(r["dataset"], r["model"], r.get("model_kwargs"))].append(r)
     out = []
     for base, recs in sorted(by_base.items()):
         per_attack = defaultdict(set)
@@ -421,7 +426,7 @@ def _bench_main_size(results: str, records: list[dict]) -> int | None:
 def build_report(results: str, out: str | None = None, size: int | None = None, plots: bool = True,
                  tsne_samples: int = 600) -> dict:
     """Write the report of ``results`` into ``out`` (default results/report); returns the paths."""
-    from .report_claims import claims_table  # it builds on this module
+    from .report_claims import claims_table, load_timings  # it builds on this module
 
     from .report_html import write_html
 
@@ -431,10 +436,11 @@ def build_report(results: str, out: str | None = None, size: int | None = None, 
     if size is None:  # the bench's first --clean-per-class is the main table's, when it was recorded
         size = _bench_main_size(results, records)
     secs = sections(records, size)
+    timings = load_timings(results)
     md = [f"# nft benchmark report\n\n{len(records)} records from `{os.path.abspath(results)}`.\n"]
     figures: dict[str, list[tuple[str, str]]] = {}
     for i, sec in enumerate(secs):
-        tables = [t for t in (claims_table(sec), table1(sec), detail_table(sec), efficiency_table(sec)) if t]
+        tables = [t for t in (claims_table(sec, timings), table1(sec), detail_table(sec), efficiency_table(sec)) if t]
         md.append(f"\n## {sec.name}\n\n**Settings**\n\n{settings_md(sec)}\n")
         md += [to_markdown(t) + "\n" for t in tables]
         if plots:

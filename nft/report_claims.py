@@ -3,10 +3,13 @@ every other defense on the same (attack, seed) cells (ASR drop, ACC drop, time).
 ``nft report``."""
 from __future__ import annotations
 
+import glob
+import json
+import os
 import statistics
 
 from .records import BENIGN, NO_DEFENSE
-from .report import Section, Table, _by_seed, defense_label, drop_by_seed, group
+from .report import Section, Table, _by_seed, defense_label, drop_by_seed, group, section_name
 
 
 PROPOSED = "nft:default"
@@ -31,7 +34,44 @@ def _paired(groups, attacks, defenses, size, metric, fn, drop: bool = False) -> 
     return (statistics.fmean(per_attack) if per_attack else None), len(per_attack)
 
 
-def claims_table(sec: Section) -> Table | None:
+def load_timings(results: str) -> list[dict]:
+    """The one-process timing runs under ``results/timing/*.json`` (``benchmarks/timing.py --out``): every defense on
+    one model and clean set, one after the other in one process, so their times compare; grid cells ran under
+    whatever load each batch had. Files without ``dataset``/``model`` are skipped."""
+    out = []
+    for path in sorted(glob.glob(os.path.join(results, "timing", "*.json"))):
+        try:
+            with open(path) as f:
+                t = json.load(f)
+        except (OSError, ValueError):
+            continue
+        if isinstance(t, dict) and t.get("dataset") and t.get("model") and t.get("median_cpu"):
+            out.append({**t, "file": os.path.basename(path)})
+    return out
+
+
+def timing_rows(sec: Section, timings: list[dict]) -> list[list[str]]:
+    """'less CPU time than X, one process' per timed-against defense: mean over the timing runs of this section
+    that have both, of each one's median CPU seconds; met when NFT ``default`` used less on every one of them."""
+    mine = [t for t in timings if sec.name.startswith(section_name(t["dataset"], t["model"], t.get("model_kwargs")))]
+    rows = []
+    for d in sorted({d for t in mine for d in t["median_cpu"]}, key=lambda d: d.partition(":")[0]):
+        if d.partition(":")[0] not in TIMED_AGAINST:
+            continue
+        both = [t for t in mine if PROPOSED in t["median_cpu"] and d in t["median_cpu"]]
+        if not both:
+            continue
+        ours = statistics.fmean(t["median_cpu"][PROPOSED] for t in both)
+        theirs = statistics.fmean(t["median_cpu"][d] for t in both)
+        faster = sum(t["median_cpu"][PROPOSED] < t["median_cpu"][d] for t in both)
+        models = ", ".join(f"{t.get('attack', '?')} s{t.get('seed', '?')}" for t in both)
+        rows.append([f"less CPU time than {defense_label(d)}, one process (timing)",
+                     f"{ours:.1f} s vs {theirs:.1f} s ({theirs / ours:.2f}x)", "met" if faster == len(both) else
+                     "**not met**", f"{faster}/{len(both)} models ({models})"])
+    return rows
+
+
+def claims_table(sec: Section, timings: list[dict] | None = None) -> Table | None:
     """NFT ``default`` against the targets and against every other defense, on the same cells.
 
     Each comparison is over the (attack, seed) cells both defenses have, so a partial grid compares
@@ -86,12 +126,15 @@ def claims_table(sec: Section) -> Table | None:
             if ours is not None:
                 rows.append([f"less CPU time than {defense_label(d)}", f"{ours:.1f} s vs {theirs:.1f} s",
                              verdict(ours < theirs), f"{k}/{len(real)}"])
+    rows += timing_rows(sec, timings or [])
     return Table(f"Claims checked: {defense_label(PROPOSED)} against the targets and the other defenses",
                  ["claim", "measured", "verdict", "attacks"], rows,
                  f"Averages over attacks (Benign excluded) of the per-attack mean over seeds; a comparison uses "
                  f"only the (attack, seed) cells both defenses have ({sec.main_size} clean images per class unless "
                  "stated). Seconds: the defense alone, wall-clock under the load the run had; CPU seconds (where both "
-                 "cells recorded them): the process's CPU time, which other processes' load does not inflate.")
+                 "cells recorded them): the process's CPU time, which other processes' load does not inflate. One process "
+                 "(timing): every defense on the same model and clean set one after the other in one process "
+                 "(benchmarks/timing.py, files under the results' timing/), median CPU seconds.")
 
 
-__all__ = ["PROPOSED", "TARGETS", "TIMED_AGAINST", "claims_table"]
+__all__ = ["PROPOSED", "TARGETS", "TIMED_AGAINST", "claims_table", "load_timings", "timing_rows"]

@@ -276,3 +276,27 @@ def test_sample_efficiency_compares_each_defense_on_the_same_cells():
     assert rows[("d1", 50)][0] == (4.0, 0.0, 1) and rows[("d1", 50)][2] == 2  # mean of a1 2 and a2 6, seed 0
     assert rows[("d1", 5)][0] == (40.0, 0.0, 1) and rows[("d1", 5)][1][0] == 81.0
     assert efficiency_table(sections(records())[0]).rows[0] == ["D1", "5", "40.00", "81.00", "2"]
+
+
+def test_one_process_timings_enter_the_claims_table(tmp_path):
+    """``RESULTS/timing/*.json`` (benchmarks/timing.py) give 'less CPU time than X, one process' rows: met only when
+    NFT used less CPU than X on every timed model of the section; files of another section or without one are ignored."""
+    from nft.report_claims import claims_table, load_timings
+
+    recs = [rec("a1", NO_DEFENSE, 0, 98.0, 100.0), rec("a1", "nft:default", 0, 97.5, 1.0),
+            rec("a1", "ibau", 0, 90.0, 10.0), rec("a1", "awm", 0, 97.0, 50.0)]
+    os.makedirs(tmp_path / "timing")
+    where = {"dataset": "toy", "model": "m", "model_kwargs": {}, "attack": "a1"}
+    for seed, cpu in ((0, {"nft:default": 100.0, "ibau": 140.0, "awm": 90.0}),
+                      (1, {"nft:default": 120.0, "ibau": 130.0, "awm": 240.0})):
+        (tmp_path / "timing" / f"b{seed}.json").write_text(json.dumps({**where, "seed": seed, "median_cpu": cpu}))
+    (tmp_path / "timing" / "other.json").write_text(json.dumps({**where, "dataset": "other", "seed": 0,
+                                                                "median_cpu": {"nft:default": 1.0, "ibau": 0.5}}))
+    (tmp_path / "timing" / "old.json").write_text(json.dumps({"median_cpu": {"nft:default": 1.0, "ibau": 0.5}}))
+    timings = load_timings(str(tmp_path))
+    assert len(timings) == 3
+    rows = {r[0]: r[1:] for r in claims_table(sections(recs)[0], timings).rows}
+    ibau = rows["less CPU time than IBAU, one process (timing)"]
+    assert ibau[0] == "110.0 s vs 135.0 s (1.23x)" and ibau[1] == "met" and ibau[2].startswith("2/2 models")
+    awm = rows["less CPU time than AWM, one process (timing)"]
+    assert awm[1] == "**not met**" and awm[2].startswith("1/2 models")
