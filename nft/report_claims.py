@@ -46,14 +46,18 @@ def load_timings(results: str) -> list[dict]:
         except (OSError, ValueError):
             continue
         if isinstance(t, dict) and t.get("dataset") and t.get("model") and t.get("median_cpu"):
-            out.append({**t, "file": os.path.basename(path)})
+            out.append(t)
     return out
 
 
 def timing_rows(sec: Section, timings: list[dict]) -> list[list[str]]:
     """'less CPU time than X, one process' per timed-against defense: mean over the timing runs of this section
     that have both, of each one's median CPU seconds; met when NFT ``default`` used less on every one of them."""
-    mine = [t for t in timings if sec.name.startswith(section_name(t["dataset"], t["model"], t.get("model_kwargs")))]
+    def in_section(t):  # the section itself, or one split from it by a training setting ('base [k=v]')
+        base = section_name(t["dataset"], t["model"], t.get("model_kwargs"))
+        return sec.name == base or sec.name.startswith(base + " [")
+
+    mine = [t for t in timings if in_section(t)]
     rows = []
     for d in sorted({d for t in mine for d in t["median_cpu"]}, key=lambda d: d.partition(":")[0]):
         if d.partition(":")[0] not in TIMED_AGAINST:
