@@ -23,6 +23,7 @@ from .data.core import CleanSet
 from .engine import Hooks, NonFiniteLoss, cosine_schedule, train
 from .errors import NFTError
 from .masks import Masks, attach, clip_schedule
+from .recovery import clean_gap
 from .nft_config import RECIPES, NFTConfig, for_clean_set, recipe, validate  # noqa: F401 (their home was here)
 from .runtime import Runtime
 from .searches import (ImagePerturbation, NeuronPerturbation, PatchPerturbation, SparsePerturbation, UniversalPerturbation,
@@ -203,6 +204,14 @@ def away_loss(out: torch.Tensor, y: torch.Tensor, flipped: bool = False, t: int 
     return -torch.log((1 - p[keep, t]).clamp_min(1e-6)).mean()
 
 
+def _shifted(hooks: Hooks, start: int) -> Hooks:
+    """``hooks`` for a run that goes on after step ``start`` (the step-dependent hooks see the global step)."""
+    return Hooks(transform=hooks.transform and (lambda x, y, s: hooks.transform(x, y, s + start)),
+                 loss=hooks.loss and (lambda m, x, y, s: hooks.loss(m, x, y, s + start)), penalty=hooks.penalty,
+                 after_step=hooks.after_step and (lambda s, info: hooks.after_step(s + start, info)),
+                 evaluate=hooks.evaluate and (lambda s: hooks.evaluate(s + start)), eval_every=hooks.eval_every)
+
+
 def purify(model: nn.Module, clean: CleanSet, cfg: NFTConfig | None = None, runtime: Runtime | None = None,
            monitor=None) -> tuple[nn.Module, Masks, list[dict], dict]:
     """Learn masks on ``clean`` and return (purified model with masks folded in, masks, history, extras).
@@ -294,13 +303,45 @@ def purify(model: nn.Module, clean: CleanSet, cfg: NFTConfig | None = None, runt
     reset = cfg.mask_reset > 0 and stopped is None
     if reset:
         masks.reset_above_(cfg.mask_reset)
+    checks = []
     if cfg.bn_recal > 0 and stopped is None:
+        trained = {k: b.detach().clone() for k, b in model.named_buffers()}
         reestimate_bn(original, model, clean, cfg, runtime)
+        reference = copy.deepcopy(original).to(runtime.torch_device).eval() if cfg.recover_gap > 0 else None
+        best = None  # (gap, masks, buffers) of the best-checked round: a round that reads the copies worse is undone
+        while reference is not None and stopped is None:
+            checks.append(clean_gap(reference, model, clean, cfg.recover_n, runtime))
+            if best is None or checks[-1]["gap"] < best[0]:
+                best = (checks[-1]["gap"], masks.state_dict(), {k: b.detach().clone() for k, b in model.named_buffers()})
+            if checks[-1]["gap"] <= cfg.recover_gap or len(checks) > cfg.recover_rounds:
+                break
+            with torch.no_grad():  # back to the training-time statistics, recover longer, then the BN step again
+                for k, b in model.named_buffers():
+                    b.copy_(trained[k])
+            start = cfg.steps + (len(checks) - 1) * cfg.recover_steps
+            for group in opt.param_groups:
+                group["lr"] = cfg.recover_lr
+            try:
+                history += [{**h, "step": h["step"] + start} for h in
+                            train(model, clean.x, clean.y, opt, runtime, cfg.recover_steps, cfg.batch_size, None,
+                                  _shifted(hooks, start), replacement=True, train_mode=cfg.train_mode, desc="nft+",
+                                  log_every=cfg.log_every, generator_offset=404 + len(checks))]
+            except NonFiniteLoss as e:
+                masks.load_state_dict(good[0])
+                stopped = f"stopped early in recovery round {len(checks)}: {e}; kept the last good masks"
+            trained = {k: b.detach().clone() for k, b in model.named_buffers()}
+            reestimate_bn(original, model, clean, cfg, runtime)
+        if best is not None and best[0] < checks[-1]["gap"]:
+            masks.load_state_dict(best[1])
+            with torch.no_grad():
+                for k, b in model.named_buffers():
+                    b.copy_(best[2][k])
     model.eval()
     mask_state = masks.state_dict()
     extras = {"seconds": time.perf_counter() - t0, "mask_layout": masks.layout(), "num_masks": masks.numel,
               "masks_below_0.5": int((masks.values() < 0.5).sum()), "masks_reset": reset, "config": asdict(cfg),
-              "stopped": stopped, **({"composite_probe": probe} if probe is not None else {}),
+              "stopped": stopped, **({"recovery_checks": checks} if checks else {}),
+              **({"composite_probe": probe} if probe is not None else {}),
               **({"patch_probe": patches} if patches is not None else {}),
               "mask_state": mask_state}
     masks.fold()

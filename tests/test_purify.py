@@ -688,6 +688,49 @@ class Bomb(torch.nn.Module):
         return out * float("nan") if self.calls >= self.at else out
 
 
+def test_clean_gap_is_zero_for_the_model_itself_and_large_for_a_broken_one(tiny):
+    from nft.recovery import clean_gap
+
+    rt, data, attack, model, clean = tiny
+    same = clean_gap(model, copy.deepcopy(model), clean, 200, rt)
+    assert same["gap"] == 0 and same == clean_gap(model, model, clean, 200, rt)  # its own generator: repeatable
+    broken = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in broken.parameters():
+            p.mul_(0.0)  # reads every image as class 0 (a tenth of the copies; the tiny CNN reads ~22 %)
+    gap = clean_gap(model, broken, clean, 200, rt)
+    assert same["original"] > 15 and gap["purified"] == 10.0 and gap["gap"] == same["original"] - gap["purified"]
+
+
+def test_recovery_goes_on_only_while_the_clean_gap_is_above_recover_gap(tiny, monkeypatch):
+    """A check the model passes changes nothing (bit for bit the run without the check); a failed one adds
+    recover_steps more recovery steps, up to recover_rounds times, with the step-dependent settings seeing the
+    global step (past adv_until: recovery, not the search); the round with the smallest gap is kept."""
+    import nft.purify as P
+
+    rt, data, attack, model, clean = tiny
+    cfg = recipe("default", steps=20, batch_size=32, bn_recal=2, eval_every=10, oneshot={}, composites=0.0, patch_probe=0.0)
+    off = purify(model, clean, cfg, rt)[3]
+    passed = purify(model, clean, replace(cfg, recover_gap=100.0), rt)[3]
+    assert "recovery_checks" not in off and len(passed["recovery_checks"]) == 1
+    assert all(torch.equal(off["mask_state"][k], passed["mask_state"][k]) for k in off["mask_state"])
+    gaps = iter([5.0, 4.0, 2.0, 3.0, 5.0, 4.0])
+    monkeypatch.setattr(P, "clean_gap", lambda *a: {"gap": next(gaps)})
+    seen, loss_steps, make_loss = [], [], P.make_loss
+    monkeypatch.setattr(P, "make_loss", lambda *a: (lambda f: lambda m, x, y, s: loss_steps.append(s) or f(m, x, y, s))(
+        make_loss(*a)))
+    _, _, history, failed = purify(model, clean, replace(cfg, recover_gap=1.0, recover_steps=10, recover_rounds=2), rt,
+                                   monitor=lambda m: seen.append(1) or {})
+    steps = [h["step"] for h in history if "loss" in h]
+    assert len(failed["recovery_checks"]) == 3 and steps[-1] == 40 and steps == sorted(steps)
+    assert any(not torch.equal(off["mask_state"][k], failed["mask_state"][k]) for k in off["mask_state"])
+    assert loss_steps == list(range(1, 41)) and len(seen) == 5  # the loss saw the global step; evaluated at 0, 10, ..., 40
+    # the best-checked round is kept: here the first (gaps 3, 5, 4), so the masks are those of the run without the check
+    undone = purify(model, clean, replace(cfg, recover_gap=1.0, recover_steps=10, recover_rounds=2), rt)[3]
+    assert [c["gap"] for c in undone["recovery_checks"]] == [3.0, 5.0, 4.0]
+    assert all(torch.equal(off["mask_state"][k], undone["mask_state"][k]) for k in off["mask_state"])
+
+
 def test_nonfinite_loss_keeps_last_good_masks(tiny):
     rt, data, attack, model, clean = tiny
     cfg = recipe("paper", steps=30, batch_size=32, lr=0.5)
@@ -713,7 +756,9 @@ def test_nonfinite_loss_keeps_last_good_masks(tiny):
                                  {"composite_found": {"oneshot": {}}}, {"composite_index": -1},
                                  {"wide": 1.5}, {"wide": 0.5, "adv_loss": "away"}, {"wide_eps": -1},
                                  {"wide_bn": "train"}, {"wide_norm": "linf"}, {"wide_grid": 0}, {"wide_window": 10},
-                                 {"patch_probe": 1.5}, {"patch_found": {"patch_probe": 0.5}}, {"patch_found": {"where": "x"}}])
+                                 {"patch_probe": 1.5}, {"patch_found": {"patch_probe": 0.5}}, {"patch_found": {"where": "x"}},
+                                 {"recover_gap": -1}, {"recover_gap": 1, "bn_recal": 0}, {"recover_steps": 0},
+                                 {"recover_n": 0}, {"recover_rounds": -1}])
 def test_invalid_settings_are_refused(bad):
     with pytest.raises(NFTError, match="invalid NFT setting"):
         recipe("default", **bad)
