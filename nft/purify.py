@@ -204,6 +204,19 @@ def away_loss(out: torch.Tensor, y: torch.Tensor, flipped: bool = False, t: int 
     return -torch.log((1 - p[keep, t]).clamp_min(1e-6)).mean()
 
 
+def _buffers(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: b.detach().clone() for k, b in model.named_buffers()}
+
+
+@torch.no_grad()
+def _restore(masks: Masks, model: nn.Module, state: tuple) -> None:
+    """Put back a (mask state or None, buffers) pair taken with ``masks.state_dict()`` and ``_buffers``."""
+    if state[0] is not None:
+        masks.load_state_dict(state[0])
+    for k, b in model.named_buffers():
+        b.copy_(state[1][k])
+
+
 def _shifted(hooks: Hooks, start: int) -> Hooks:
     """``hooks`` for a run that goes on after step ``start`` (the step-dependent hooks see the global step)."""
     return Hooks(transform=hooks.transform and (lambda x, y, s: hooks.transform(x, y, s + start)),
@@ -250,7 +263,7 @@ def purify(model: nn.Module, clean: CleanSet, cfg: NFTConfig | None = None, runt
     l1_weight = cfg.l1 / clean.per_class if cfg.l1_per_class else cfg.l1
     # "Good" = masks and BN statistics whose forward pass gave a finite loss. A step's state is
     # confirmed when the next step's loss comes out finite; on a non-finite loss we roll back to it.
-    snapshot = lambda: (masks.state_dict(), {k: b.detach().clone() for k, b in model.named_buffers()})  # noqa: E731
+    snapshot = lambda: (masks.state_dict(), _buffers(model))  # noqa: E731
     good, pending = snapshot(), None
 
     transform = make_transform(cfg, clean, runtime.generator(303, device=runtime.device), model,
@@ -295,29 +308,24 @@ def purify(model: nn.Module, clean: CleanSet, cfg: NFTConfig | None = None, runt
                          hooks, replacement=True, train_mode=cfg.train_mode, desc="nft", log_every=cfg.log_every,
                          generator_offset=404)
     except NonFiniteLoss as e:
-        masks.load_state_dict(good[0])
-        with torch.no_grad():
-            for k, b in model.named_buffers():
-                b.copy_(good[1][k])
+        _restore(masks, model, good)
         stopped = f"stopped early: {e}; kept the last good masks"
     reset = cfg.mask_reset > 0 and stopped is None
     if reset:
         masks.reset_above_(cfg.mask_reset)
     checks = []
     if cfg.bn_recal > 0 and stopped is None:
-        trained = {k: b.detach().clone() for k, b in model.named_buffers()}
+        trained = _buffers(model)
         reestimate_bn(original, model, clean, cfg, runtime)
         reference = copy.deepcopy(original).to(runtime.torch_device).eval() if cfg.recover_gap > 0 else None
-        best = None  # (gap, masks, buffers) of the best-checked round: a round that reads the copies worse is undone
+        best = None  # (gap, (masks, buffers)) of the best-checked round: a round that reads the copies worse is undone
         while reference is not None and stopped is None:
             checks.append(clean_gap(reference, model, clean, cfg.recover_n, runtime))
             if best is None or checks[-1]["gap"] < best[0]:
-                best = (checks[-1]["gap"], masks.state_dict(), {k: b.detach().clone() for k, b in model.named_buffers()})
+                best = (checks[-1]["gap"], (masks.state_dict(), _buffers(model)))
             if checks[-1]["gap"] <= cfg.recover_gap or len(checks) > cfg.recover_rounds:
                 break
-            with torch.no_grad():  # back to the training-time statistics, recover longer, then the BN step again
-                for k, b in model.named_buffers():
-                    b.copy_(trained[k])
+            _restore(masks, model, (None, trained))  # the training-time statistics; recover longer, BN step again
             start = cfg.steps + (len(checks) - 1) * cfg.recover_steps
             for group in opt.param_groups:
                 group["lr"] = cfg.recover_lr
@@ -327,15 +335,12 @@ def purify(model: nn.Module, clean: CleanSet, cfg: NFTConfig | None = None, runt
                                   _shifted(hooks, start), replacement=True, train_mode=cfg.train_mode, desc="nft+",
                                   log_every=cfg.log_every, generator_offset=404 + len(checks))]
             except NonFiniteLoss as e:
-                masks.load_state_dict(good[0])
+                _restore(masks, model, good)
                 stopped = f"stopped early in recovery round {len(checks)}: {e}; kept the last good masks"
-            trained = {k: b.detach().clone() for k, b in model.named_buffers()}
+            trained = _buffers(model)
             reestimate_bn(original, model, clean, cfg, runtime)
         if best is not None and best[0] < checks[-1]["gap"]:
-            masks.load_state_dict(best[1])
-            with torch.no_grad():
-                for k, b in model.named_buffers():
-                    b.copy_(best[2][k])
+            _restore(masks, model, best[1])
     model.eval()
     mask_state = masks.state_dict()
     extras = {"seconds": time.perf_counter() - t0, "mask_layout": masks.layout(), "num_masks": masks.numel,
