@@ -149,7 +149,7 @@ RECIPES: dict[str, dict] = {
     # all four on the dev half (NOTES.md §12), for about twice the time. First a composite probe: if the
     # model reads the half-and-half composites of one pair of classes as a third class (a composite backdoor,
     # CBA, which no perturbation of one image describes and channel masks could not unlearn even when told
-    # the pair), a quarter of a batch more are those composites labelled half each class, and the masks
+    # the pair), half a batch more are those composites labelled half each class (a quarter until session 19), and the masks
     # are per weight (Adam): CBA 82.1 -> 2.7 % ASR on the dev half; on the 17 other models the probe flags
     # nothing and the run is bit for bit the run without it (NOTES.md §16). Then a patch probe: if one window of a
     # 3x3 lattice of quarter-side squares (or the four corner squares at once) holds a pattern that sends >= 99 % of
@@ -159,17 +159,19 @@ RECIPES: dict[str, dict] = {
     # since session 16 (§20: on the dev half CLB 28.3 -> 10.6 and TrojanNN 12.7 -> 8.2 % ASR with ten images, for
     # 0.3 points of ACC on the five models it flags; §18 had left it off there on BadNets' ACC alone). With one image
     # per class a flagged pair's composites are all cut from the same two images, and a quarter of a batch of them
-    # left CBA at 34-38 % on the dev half; one-shot mode takes half a batch (CBA s1 / s2 -> 17 / 17, §21). One-shot
+    # left CBA at 34-38 % on the dev half; one-shot mode took half a batch (CBA s1 / s2 -> 17 / 17, §21), and since
+    # session 19 every clean-set size does: at 50 per class a quarter left CBA s1 / s2 at 22.3 / 7.1 % on the dev half,
+    # half a batch 7.1 / 1.8, for 0.6-0.9 points of ACC on the CBA models (§23). One-shot
     # mode then checks the result (nft.recovery.clean_gap): if the original reads random affine copies of the ten images
     # more than a point better than the purified model, 100 more recovery steps, up to twice, keeping the round that
     # reads them best; a model that passes is bit for bit the run without the check (§22: LIRA s2 -11.8 -> -6.1,
     # BadNets s2 -4.9 -> -2.4 points of ACC on the dev half).
     "default": {"where": "auto", "adv": 0.5, "adv_until": 0.5, "adv_after": 0.0625, "steps": 200, "batch_size": 64,
                 "neuron": 0.5, "neuron_until": 0.5,
-                "composites": 0.25, "composite_found": {"where": "weight", "optimizer": "adam", "lr": 0.01},
+                "composites": 0.5, "composite_found": {"where": "weight", "optimizer": "adam", "lr": 0.01},
                 "patch_probe": 0.99, "wide_corners": True, "patch_found": {"wide": 0.5},
                 "l1": 2e-5, "l1_per_class": False, "bn_recal": 50, "bn_recal_mode": "delta",
-                "oneshot_upto": 1, "oneshot": {"adv_after": 0.125, "composites": 0.5, "recover_gap": 1.0}},
+                "oneshot_upto": 1, "oneshot": {"adv_after": 0.125, "recover_gap": 1.0}},
 }
 
 
