@@ -4,14 +4,12 @@ and score on the dev half (benchmarks/halves.py): the grid cell's purified model
 second run alone, and the mean of the two runs' masks folded into the original with the BN delta step (a channel one
 run closed by chance is half open; one both runs closed stays closed; NOTES §13 found +0.5 to 1 point of ACC over
 the average run on FBA and LF s1 with three runs). The second run's masks are kept under runs/x/ens/."""
-import copy, glob, json, os, sys
+import json, os, sys
 import torch
 from safetensors.torch import load_file, save_file
-sys.path.insert(0, 'benchmarks')
-from halves import halves
-from nft.io import load_model
-from nft.masks import attach
-from nft.runs import dataset_of, clean_set, attack_from_run
+sys.path[:0] = ['benchmarks', 'benchmarks/explore']
+from cells import folded_masks, one_shot_cells
+from nft.runs import attack_from_run
 from nft.purify import recipe, reestimate_bn, purify
 from nft.nft_config import for_clean_set
 from nft.runtime import Runtime
@@ -23,29 +21,16 @@ os.makedirs('runs/x/ens', exist_ok=True)
 
 
 def folded(model, state, clean, cfg, rt):
-    for where in ('auto', 'weight'):
-        m = copy.deepcopy(model); masks = attach(m, where)
-        try:
-            masks.load_state_dict(state); break
-        except Exception:
-            continue
-    masks.fold()
+    m = folded_masks(model, state)
     reestimate_bn(model, m, clean, cfg, rt)
     return m.eval()
 
 
 seeds = sys.argv[3] if len(sys.argv) > 3 else '012'  # e.g. '0': only the seed-0 cells
-files = sorted(f for f in glob.glob('runs/g/records/*nft_default-n1-*.json') if f.split('-n1-s')[1][0] in seeds)[shard::nshards]
-for f in files:
-    r = json.load(open(f))
-    run = 'runs/g/' + r['artifacts']['backdoored']
-    model, man = load_model(run)
-    data = dataset_of(man)
+for r, model, run, man, data, clean, dev in one_shot_cells(shard, nshards, seeds):
     attack = attack_from_run(run, man)
     s = r['seed']
     cell = f"{r['attack']}-s{s}"
-    clean = clean_set(data.heldout, data.num_classes, data.augment, per_class=1, seed=s)
-    dev = halves(data.test, data.num_classes)[0]
     pois = poisoned_test_set(dev, attack)
     cfg = for_clean_set(recipe('default'), 1)
     score = lambda m, rt: {k: round(v, 2) for k, v in evaluate(m, dev, runtime=rt, poisoned=pois).items() if k in ('acc', 'asr')}

@@ -2,15 +2,13 @@
 grid cell's purified model from its saved masks and score post-hoc variants on the dev half (benchmarks/halves.py):
 the final BN step (the delta step with more batches, the variance ratio shrunk to ratio ** p, mean only) and the
 mask reset (masks above tau back to 1; masks scaled by 1/c, capped at 1)."""
-import copy, glob, json, sys
+import copy, json, sys
 import torch
 from dataclasses import replace
 from safetensors.torch import load_file
-sys.path.insert(0, 'benchmarks')
-from halves import halves
-from nft.io import load_model
-from nft.masks import attach
-from nft.runs import dataset_of, clean_set, attack_from_run
+sys.path[:0] = ['benchmarks', 'benchmarks/explore']
+from cells import folded_masks, one_shot_cells
+from nft.runs import attack_from_run
 from nft.purify import recipe
 from nft.nft_config import for_clean_set
 from nft.runtime import Runtime
@@ -40,16 +38,9 @@ if len(sys.argv) > 3:  # session 19, second run: the mask reset (BN: the delta s
     VARIANTS = {"delta50": dict(n=50), "reset0.45": dict(n=50, tau=0.45), "reset0.4": dict(n=50, tau=0.4),
                 "reset0.35": dict(n=50, tau=0.35), "reset0.3": dict(n=50, tau=0.3), "scale0.5": dict(n=50, c=0.5),
                 "scale0.7": dict(n=50, c=0.7)}
-files = sorted(glob.glob('runs/g/records/*nft_default-n1-*.json'))[shard::nshards]
-for f in files:
-    r = json.load(open(f))
-    run = 'runs/g/' + r['artifacts']['backdoored']
-    model, man = load_model(run)
-    data = dataset_of(man)
+for r, model, run, man, data, clean, dev in one_shot_cells(shard, nshards):
     attack = attack_from_run(run, man)
     s = r['seed']
-    clean = clean_set(data.heldout, data.num_classes, data.augment, per_class=1, seed=s)
-    dev = halves(data.test, data.num_classes)[0]
     pois = poisoned_test_set(dev, attack)
     state = load_file('runs/g/' + r['artifacts']['masks'])
     cfg = for_clean_set(recipe('default'), 1)
@@ -62,13 +53,7 @@ for f in files:
             st = {k: torch.where(x > v['tau'], torch.ones_like(x), x) for k, x in state.items()}
         if 'c' in v:
             st = {k: (x / v['c']).clamp(max=1.0) for k, x in state.items()}
-        for where in ('auto', 'weight'):
-            m = copy.deepcopy(model); masks = attach(m, where)
-            try:
-                masks.load_state_dict(st); break
-            except Exception:
-                continue
-        masks.fold()
+        m = folded_masks(model, st)
         rt = Runtime(device='cpu', seed=s, progress=False)
         delta(model, m, clean, replace(cfg, bn_recal=v['n']), rt, v.get('p', 1.0), v.get('q', 1.0))
         m.eval()

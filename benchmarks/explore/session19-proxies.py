@@ -3,17 +3,14 @@ cell's purified model from its saved masks (BN delta step, as the cell did) and 
 compute from the ten clean images and the original model, to see which tracks the dev-half ACC drop
 (benchmarks/halves.py): nft.recovery's affine accuracy gap; the gap in the true class's log-probability on the same
 copies; the accuracy gap under a stronger affine; disagreement with the original on MixUp pairs and on noisy copies."""
-import copy, glob, json, sys
+import json, sys
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
-sys.path.insert(0, 'benchmarks')
-from halves import halves
+sys.path[:0] = ['benchmarks', 'benchmarks/explore']
 from nft import augment as A
 from nft.data.core import to_float
-from nft.io import load_model
-from nft.masks import attach
-from nft.runs import dataset_of, clean_set
+from cells import folded_masks, one_shot_cells
 from nft.purify import recipe, reestimate_bn
 from nft.nft_config import for_clean_set
 from nft.runtime import Runtime
@@ -55,25 +52,12 @@ def proxies(orig, pur, clean, n=1000):
     return out
 
 
-files = sorted(glob.glob('runs/g/records/*nft_default-n1-*.json'))[shard::nshards]
-for f in files:
-    r = json.load(open(f))
-    run = 'runs/g/' + r['artifacts']['backdoored']
-    model, man = load_model(run)
-    data = dataset_of(man)
+for r, model, run, man, data, clean, dev in one_shot_cells(shard, nshards):
     s = r['seed']
-    clean = clean_set(data.heldout, data.num_classes, data.augment, per_class=1, seed=s)
-    dev = halves(data.test, data.num_classes)[0]
     state = load_file('runs/g/' + r['artifacts']['masks'])
     cfg = for_clean_set(recipe('default'), 1)
     rt = Runtime(device='cpu', seed=s, progress=False)
-    for where in ('auto', 'weight'):
-        m = copy.deepcopy(model); masks = attach(m, where)
-        try:
-            masks.load_state_dict(state); break
-        except Exception:
-            continue
-    masks.fold()
+    m = folded_masks(model, state)
     reestimate_bn(model, m, clean, cfg, rt)
     m.eval(); model.eval()
     acc0 = evaluate(model, dev, runtime=rt)['acc']
