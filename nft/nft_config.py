@@ -115,7 +115,8 @@ class NFTConfig:
     recover_rounds: int = 2
     oneshot_upto: float | None = None  # one-shot mode: with at most this many clean images per class
     # (None: never) ...
-    oneshot: dict = field(default_factory=dict)  # ... these settings override the others
+    oneshot: dict = field(default_factory=dict)  # ... these settings override the recipe's (not those the caller of
+    # ``recipe`` gives: ``recipe("default", steps=100)`` runs 100 steps in one-shot mode too)
     augment: str | None = None  # standard augmentation; None = the clean set's own (crop/flip, or shift for digits)
     log_every: int = 10
     eval_every: int = 100  # when the runner passes a monitor
@@ -165,13 +166,17 @@ RECIPES: dict[str, dict] = {
     # mode then checks the result (nft.recovery.clean_gap): if the original reads random affine copies of the ten images
     # more than a point better than the purified model, 100 more recovery steps, up to twice, keeping the round that
     # reads them best; a model that passes is bit for bit the run without the check (§22: LIRA s2 -11.8 -> -6.1,
-    # BadNets s2 -4.9 -> -2.4 points of ACC on the dev half).
+    # BadNets s2 -4.9 -> -2.4 points of ACC on the dev half). Since session 20 one-shot mode also searches at half the
+    # mask lr (0.025, eta_min 0.01) for 150 of 250 steps (the same search at half the pace, then 100 steps of recovery):
+    # with ten images the full-pace search closed channels the digits need; on 14 dev-half cells -2.58 -> -1.91 points
+    # of ACC, ASR 2.43 -> 2.74 (§24).
     "default": {"where": "auto", "adv": 0.5, "adv_until": 0.5, "adv_after": 0.0625, "steps": 200, "batch_size": 64,
                 "neuron": 0.5, "neuron_until": 0.5,
                 "composites": 0.5, "composite_found": {"where": "weight", "optimizer": "adam", "lr": 0.01},
                 "patch_probe": 0.99, "wide_corners": True, "patch_found": {"wide": 0.5},
                 "l1": 2e-5, "l1_per_class": False, "bn_recal": 50, "bn_recal_mode": "delta",
-                "oneshot_upto": 1, "oneshot": {"adv_after": 0.125, "recover_gap": 1.0}},
+                "oneshot_upto": 1, "oneshot": {"adv_after": 0.125, "recover_gap": 1.0, "lr": 0.025, "eta_min": 0.01,
+                                                 "steps": 250, "adv_until": 0.6, "neuron_until": 0.6}},
 }
 
 
@@ -182,7 +187,10 @@ def recipe(name: str = "default", **overrides) -> NFTConfig:
     if unknown:
         raise NFTError(f"unknown NFT setting(s) {sorted(unknown)}")
     cfg = replace(NFTConfig(), recipe=name, **RECIPES[name])
-    return validate(replace(cfg, **{k: v for k, v in overrides.items() if v is not None}))
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if "oneshot" not in given:  # a setting the caller gives wins over one-shot mode's value for it
+        given["oneshot"] = {k: v for k, v in cfg.oneshot.items() if k not in given}
+    return validate(replace(cfg, **given))
 
 
 def validate(cfg: NFTConfig) -> NFTConfig:

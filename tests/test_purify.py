@@ -10,7 +10,7 @@ from nft.attacks import build_attack
 from nft.data import CleanSet, load_dataset
 from nft.errors import NFTError
 from nft.evaluate import evaluate
-from nft.purify import RECIPES, NFTConfig, make_transform, purify, recipe, validate
+from nft.purify import RECIPES, NFTConfig, for_clean_set, make_transform, purify, recipe, validate
 from nft.searches import ImagePerturbation, NeuronPerturbation, PatchPerturbation, SparsePerturbation, UniversalPerturbation
 from nft.trainer import TrainConfig, train_model
 
@@ -77,6 +77,17 @@ def test_mask_reset_keeps_only_closed_channels_on_small_clean_sets(tiny, upto):
         assert len(moved) > 0 and moved.max() <= 0.5  # a mask is either closed or back at 1
     else:
         assert ((moved > 0.5) & (moved < 1.0)).any()  # not reset: small moves stay
+
+
+def test_settings_the_caller_gives_win_over_one_shot_mode():
+    """``default``'s one-shot mode changes the schedule; a caller's own steps or lr stay what the caller said."""
+    one = for_clean_set(recipe("default"), 1)
+    assert (one.steps, one.lr) == (RECIPES["default"]["oneshot"]["steps"], RECIPES["default"]["oneshot"]["lr"])
+    assert (one.steps, one.lr) != (recipe("default").steps, recipe("default").lr)
+    mine = for_clean_set(recipe("default", steps=100, lr=0.05), 1)
+    assert (mine.steps, mine.lr, mine.adv_until) == (100, 0.05, RECIPES["default"]["oneshot"]["adv_until"])
+    assert for_clean_set(recipe("default", steps=100), 50).steps == 100
+    assert for_clean_set(recipe("default", oneshot={"steps": 7}, steps=100), 1).steps == 7  # an explicit oneshot wins
 
 
 def test_hold_below_keeps_closed_masks_closed_after_the_search(tiny):
