@@ -168,8 +168,8 @@ RECIPES: dict[str, dict] = {
     # reads them best; a model that passes is bit for bit the run without the check (§22: LIRA s2 -11.8 -> -6.1,
     # BadNets s2 -4.9 -> -2.4 points of ACC on the dev half). Since session 20 one-shot mode also searches at half the
     # mask lr (0.025, eta_min 0.01) for 150 of 250 steps (the same search at half the pace, then 100 steps of recovery):
-    # with ten images the full-pace search closed channels the digits need; on 14 dev-half cells -2.58 -> -1.91 points
-    # of ACC, ASR 2.43 -> 2.74 (§24).
+    # with ten images the full-pace search closed channels the digits need; on 18 dev-half cells -2.61 -> -1.88 points
+    # of ACC, ASR 3.63 -> 3.38, LF s0 2.1 -> 12.5 (§24).
     "default": {"where": "auto", "adv": 0.5, "adv_until": 0.5, "adv_after": 0.0625, "steps": 200, "batch_size": 64,
                 "neuron": 0.5, "neuron_until": 0.5,
                 "composites": 0.5, "composite_found": {"where": "weight", "optimizer": "adam", "lr": 0.01},
