@@ -357,7 +357,8 @@ def settings_md(sec: Section) -> str:
     for rec in main_first:  # the settings shown are those of the main table's clean-set size
         if rec["defense"] != NO_DEFENSE and rec["defense"] not in defs:
             defs[rec["defense"]] = rec.get("defense_config") or {}
-    versions = sorted({rec.get("code_version", "?") for rec in sec.records})
+    versions = {rec.get("code_version", "?") for rec in sec.records}
+    newest = max(sec.records, key=lambda rec: rec.get("created") or "").get("code_version", "?")
     lines = [f"- architecture: `{m['arch']}` {m.get('arch_kwargs') or ''}; dataset `{m['dataset']}`"
              + (f" (train subset {m['subset_train']})" if m.get("subset_train") else "")
              + (f" (test subset {m['subset_test']})" if m.get("subset_test") else ""),
@@ -368,14 +369,15 @@ def settings_md(sec: Section) -> str:
              f"- clean data for defenses: {', '.join(map(str, sec.sizes))} images per class "
              f"(main table: {sec.main_size}), drawn from the defender's held-out pool (disjoint from training)",
              "- ASR counts only test images whose label the backdoor changes (non-target images for all-to-one)",
-             f"- devices: {sorted({rec.get('device', '?') for rec in sec.records})}; code: {', '.join(versions)}"]
+             f"- devices: {sorted({rec.get('device', '?') for rec in sec.records})}; code: "
+             + (newest if len(versions) == 1 else f"{len(versions)} versions, newest {newest} (each record keeps its own)")]
     for d, cfg in defs.items():
         short = {k: v for k, v in cfg.items() if not isinstance(v, (list, dict))}
         lines.append(f"- {defense_label(d)} settings: `{json.dumps(short, sort_keys=True)}`")
         mixed = mixed_settings(sec.records, d)
         if mixed:
             lines.append(f"- **warning**: {defense_label(d)} ran with different settings across cells "
-                         f"(a recipe changed between runs?): {mixed}")
+                         f"(chosen per model by the defense's own probes, or a recipe changed between runs): {mixed}")
     return "\n".join(lines) + "\n"
 
 

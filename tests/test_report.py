@@ -112,6 +112,19 @@ def test_an_attack_with_its_own_training_setting_stays_in_the_table():
     assert "; **a2**: poison_rate 0.08, epochs 3" in md
 
 
+def test_the_settings_name_the_newest_code_version_when_records_differ():
+    from nft.report import settings_md
+
+    recs = records()
+    for i, r in enumerate(recs):
+        r["code_version"], r["created"] = f"0.1.0+v{i % 3}", f"2026-12-0{1 + i % 3}T00:00:00"
+    assert "code: 3 versions, newest 0.1.0+v2 (each record keeps its own)" in settings_md(sections(recs)[0])
+    for r in recs:
+        r["code_version"] = "0.1.0+one"
+    md = settings_md(sections(recs)[0])
+    assert "code: 0.1.0+one\n" in md and "versions" not in md
+
+
 def test_mixed_defense_settings_are_flagged():
     from nft.report import mixed_settings, settings_md
 
