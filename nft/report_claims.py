@@ -9,7 +9,7 @@ import os
 import statistics
 
 from .records import BENIGN, NO_DEFENSE
-from .report import Section, Table, _by_seed, defense_label, drop_by_seed, group, section_name
+from .report import Section, Table, _by_seed, _cell, defense_label, drop_by_seed, group, section_name
 
 
 PROPOSED = "nft:default"
@@ -17,21 +17,32 @@ TARGETS = {"main": (2.0, 1.0), 1: (5.0, 2.0)}  # (average ASR <=, average ACC dr
 TIMED_AGAINST = ("anp", "ibau", "ftsam", "awm")  # the paper says NFT is faster than these
 
 
-def _paired(groups, attacks, defenses, size, metric, fn, drop: bool = False) -> tuple[float | None, int]:
+def _paired(groups, attacks, defenses, size, metric, fn, drop: bool = False,
+            match: str | None = None) -> tuple[float | None, int, int]:
     """Mean over attacks of the mean over seeds of ``fn(values)``, where ``values`` holds ``metric`` for each
     defense in ``defenses`` on that attack and seed (``drop``: each defense's drop of ``metric`` against the model
-    it defended, ``report.drop_by_seed``); only (attack, seed) pairs where every one of those cells exists count.
-    Returns (mean, attacks used)."""
-    per_attack = []
+    it defended, ``report.drop_by_seed``); only (attack, seed) pairs where every one of those cells exists count,
+    and with ``match`` (a record field such as ``cpu``) only those where every cell names the same value of it.
+    Returns (mean, attacks used, cells used per defense)."""
+    per_attack, cells_used = [], 0
     by_seed = drop_by_seed if drop else _by_seed
     for a in attacks:
         if a == BENIGN:
             continue
         cells = [by_seed(groups, a, d, size, metric) for d in defenses]
         seeds = set.intersection(*(set(c) for c in cells))
+        if match:
+            seeds = {s for s in seeds if _same(groups, a, defenses, size, s, match)}
         if seeds:
             per_attack.append(statistics.fmean(fn(*(c[s] for c in cells)) for s in sorted(seeds)))
-    return (statistics.fmean(per_attack) if per_attack else None), len(per_attack)
+            cells_used += len(seeds)
+    return (statistics.fmean(per_attack) if per_attack else None), len(per_attack), cells_used
+
+
+def _same(groups, attack, defenses, size, seed, field: str) -> bool:
+    """Whether every defense's cell of (attack, seed) recorded one and the same, known, ``field``."""
+    values = {r.get(field) for d in defenses for r in _cell(groups, attack, d, size) if r["seed"] == seed}
+    return len(values) == 1 and None not in values
 
 
 def load_timings(results: str) -> list[dict]:
@@ -96,8 +107,8 @@ def claims_table(sec: Section, timings: list[dict] | None = None) -> Table | Non
         n = sec.main_size if key == "main" else key
         if n not in sec.sizes:
             continue
-        asr, k = _paired(g, real, [PROPOSED], n, "asr", lambda v: v)
-        drop, _ = _paired(g, real, [PROPOSED], n, "acc", lambda v: v, drop=True)
+        asr, k, _ = _paired(g, real, [PROPOSED], n, "asr", lambda v: v)
+        drop, _, _ = _paired(g, real, [PROPOSED], n, "acc", lambda v: v, drop=True)
         if asr is None:
             continue
         rows.append([f"{n}/class: average ASR <= {asr_max:g}", f"{asr:.2f}", verdict(asr <= asr_max), f"{k}/{len(real)}"])
@@ -109,26 +120,25 @@ def claims_table(sec: Section, timings: list[dict] | None = None) -> Table | Non
         if d in (NO_DEFENSE, PROPOSED):
             continue
         both = [PROPOSED, d]
-        ours, k = _paired(g, real, both, n, "asr", lambda v, o: v, drop=True)
-        theirs, _ = _paired(g, real, both, n, "asr", lambda v, o: o, drop=True)
+        ours, k, _ = _paired(g, real, both, n, "asr", lambda v, o: v, drop=True)
+        theirs, _, _ = _paired(g, real, both, n, "asr", lambda v, o: o, drop=True)
         if ours is None:
             continue
         rows.append([f"ASR drop larger than {defense_label(d)}'s", f"{ours:.2f} vs {theirs:.2f}",
                      verdict(ours > theirs), f"{k}/{len(real)}"])
-        ours, _ = _paired(g, real, both, n, "acc", lambda v, o: v, drop=True)
-        theirs, _ = _paired(g, real, both, n, "acc", lambda v, o: o, drop=True)
+        ours, _, _ = _paired(g, real, both, n, "acc", lambda v, o: v, drop=True)
+        theirs, _, _ = _paired(g, real, both, n, "acc", lambda v, o: o, drop=True)
         rows.append([f"ACC drop smaller than {defense_label(d)}'s", f"{ours:.2f} vs {theirs:.2f}",
                      verdict(ours < theirs), f"{k}/{len(real)}"])
         if d.partition(":")[0] in TIMED_AGAINST:
-            ours, k = _paired(g, real, [PROPOSED, d], n, "seconds", lambda v, o: v)
-            theirs, _ = _paired(g, real, [PROPOSED, d], n, "seconds", lambda v, o: o)
-            if ours is not None:
-                rows.append([f"less time than {defense_label(d)}", f"{ours:.1f} s vs {theirs:.1f} s",
-                             verdict(ours < theirs), f"{k}/{len(real)}"])
-            ours, k = _paired(g, real, [PROPOSED, d], n, "cpu_seconds", lambda v, o: v)
-            theirs, _ = _paired(g, real, [PROPOSED, d], n, "cpu_seconds", lambda v, o: o)
-            if ours is not None:
-                rows.append([f"less CPU time than {defense_label(d)}", f"{ours:.1f} s vs {theirs:.1f} s",
+            for metric, what, match in (("seconds", "time", None), ("seconds", "time", "cpu"),
+                                        ("cpu_seconds", "CPU time", None)):
+                ours, k, cells = _paired(g, real, both, n, metric, lambda v, o: v, match=match)
+                theirs, _, _ = _paired(g, real, both, n, metric, lambda v, o: o, match=match)
+                if ours is None:
+                    continue
+                rows.append([f"less {what} than {defense_label(d)}" + (", same CPU model" if match else ""),
+                             f"{ours:.1f} s vs {theirs:.1f} s" + (f" ({cells} cell{'s' * (cells != 1)})" if match else ""),
                              verdict(ours < theirs), f"{k}/{len(real)}"])
     rows += timing_rows(sec, timings or [])
     return Table(f"Claims checked: {defense_label(PROPOSED)} against the targets and the other defenses",
@@ -136,7 +146,9 @@ def claims_table(sec: Section, timings: list[dict] | None = None) -> Table | Non
                  f"Averages over attacks (Benign excluded) of the per-attack mean over seeds; a comparison uses "
                  f"only the (attack, seed) cells both defenses have ({sec.main_size} clean images per class unless "
                  "stated). Seconds: the defense alone, wall-clock under the load the run had; CPU seconds (where both "
-                 "cells recorded them): the process's CPU time, which other processes' load does not inflate. One process "
+                 "cells recorded them): the process's CPU time, which other processes' load does not inflate. Same CPU model: "
+                 "only the cells whose records name one and the same processor (records older than that field count "
+                 "in the other rows only). One process "
                  "(timing): every defense on the same model and clean set one after the other in one process "
                  "(benchmarks/timing.py, files under the results' timing/), median CPU seconds.")
 

@@ -277,6 +277,17 @@ def test_claims_table_checks_targets_and_pairs_cells():
             r["cpu_seconds"] = 8.0
     rows = {r[0]: r[1:] for r in claims_table(sections(recs)[0]).rows}
     assert rows["less CPU time than IBAU"] == ["8.0 s vs 12.0 s", "met", "1/2"]
+    # no record names its processor: no same-CPU row; once both a1 seed-0 cells name one, it compares those
+    assert "less time than IBAU, same CPU model" not in rows
+    for r in recs:
+        if r["defense"] in ("ibau", "nft:default") and r["attack"] == "a1" and r["seed"] == 0:
+            r["cpu"] = "Xeon"
+    rows = {r[0]: r[1:] for r in claims_table(sections(recs)[0]).rows}
+    assert rows["less time than IBAU, same CPU model"] == ["20.0 s vs 10.0 s (1 cell)", "**not met**", "1/2"]
+    # a pair run on two different processors does not count
+    next(r for r in recs if r["defense"] == "ibau")["cpu"] = "EPYC"
+    rows = {r[0]: r[1:] for r in claims_table(sections(recs)[0]).rows}
+    assert "less time than IBAU, same CPU model" not in rows
     # no NFT default in the records: no claims table
     assert claims_table(sections([r for r in recs if r["defense"] != "nft:default"])[0]) is None
 
