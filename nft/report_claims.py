@@ -39,6 +39,13 @@ def _paired(groups, attacks, defenses, size, metric, fn, drop: bool = False,
     return (statistics.fmean(per_attack) if per_attack else None), len(per_attack), cells_used
 
 
+def _versus(groups, attacks, pair, size, metric, **kw) -> tuple[float | None, float | None, int, int]:
+    """``_paired`` over the cells both defenses of ``pair`` have: (first's mean, second's mean, attacks, cells)."""
+    ours, k, cells = _paired(groups, attacks, pair, size, metric, lambda v, o: v, **kw)
+    theirs, _, _ = _paired(groups, attacks, pair, size, metric, lambda v, o: o, **kw)
+    return ours, theirs, k, cells
+
+
 def _same(groups, attack, defenses, size, seed, field: str) -> bool:
     """Whether every defense's cell of (attack, seed) recorded one and the same, known, ``field``."""
     values = {r.get(field) for d in defenses for r in _cell(groups, attack, d, size) if r["seed"] == seed}
@@ -120,21 +127,18 @@ def claims_table(sec: Section, timings: list[dict] | None = None) -> Table | Non
         if d in (NO_DEFENSE, PROPOSED):
             continue
         both = [PROPOSED, d]
-        ours, k, _ = _paired(g, real, both, n, "asr", lambda v, o: v, drop=True)
-        theirs, _, _ = _paired(g, real, both, n, "asr", lambda v, o: o, drop=True)
+        ours, theirs, k, _ = _versus(g, real, both, n, "asr", drop=True)
         if ours is None:
             continue
         rows.append([f"ASR drop larger than {defense_label(d)}'s", f"{ours:.2f} vs {theirs:.2f}",
                      verdict(ours > theirs), f"{k}/{len(real)}"])
-        ours, _, _ = _paired(g, real, both, n, "acc", lambda v, o: v, drop=True)
-        theirs, _, _ = _paired(g, real, both, n, "acc", lambda v, o: o, drop=True)
+        ours, theirs, _, _ = _versus(g, real, both, n, "acc", drop=True)
         rows.append([f"ACC drop smaller than {defense_label(d)}'s", f"{ours:.2f} vs {theirs:.2f}",
                      verdict(ours < theirs), f"{k}/{len(real)}"])
         if d.partition(":")[0] in TIMED_AGAINST:
             for metric, what, match in (("seconds", "time", None), ("seconds", "time", "cpu"),
                                         ("cpu_seconds", "CPU time", None)):
-                ours, k, cells = _paired(g, real, both, n, metric, lambda v, o: v, match=match)
-                theirs, _, _ = _paired(g, real, both, n, metric, lambda v, o: o, match=match)
+                ours, theirs, k, cells = _versus(g, real, both, n, metric, match=match)
                 if ours is None:
                     continue
                 label, measured = f"less {what} than {defense_label(d)}", f"{ours:.1f} s vs {theirs:.1f} s"
