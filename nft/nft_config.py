@@ -4,6 +4,7 @@
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields, replace
 
 from .errors import NFTError
@@ -69,6 +70,8 @@ class NFTConfig:
     neuron_steps: int = 1  # signed-gradient ascent steps on d per batch, from a uniform random start (ANP: 1)
     neuron_until: float = 1.0  # fraction of the steps that use it
     neuron_after: float = 0.0  # its weight after neuron_until (a neuron-space relapse guard during recovery)
+    rounds: int = 1  # the steps are cut into this many equal rounds, each searching for its first adv_until (and
+    # neuron_until) and recovering for the rest: a later round's search finds what an earlier recovery reopened
     neuron_part: str = "all"  # images of the batch the perturbed loss sees: 'all', or 'adv' (only those carrying
     # the input perturbation: about a third of the extra cost; every image when a batch has none)
     composites: float = 0.0  # extra images per batch (fraction of it): half-and-half composites of two clean images
@@ -206,6 +209,7 @@ def validate(cfg: NFTConfig) -> NFTConfig:
         (cfg.mixup_alpha >= 0, "mixup_alpha must be >= 0"),
         (0 <= cfg.cutmix <= 1, "cutmix must be in [0, 1]"),
         (0 <= cfg.hold_below <= 1, "hold_below must be in [0, 1]"),
+        (cfg.rounds >= 1 and (cfg.rounds == 1 or cfg.hold_below == 0), "rounds must be >= 1 (1 with hold_below)"),
         (cfg.adv_mode in ("universal", "image"), "adv_mode must be 'universal' or 'image'"),
         (cfg.adv_norm in ("l2", "l1") and (cfg.adv_norm == "l2" or cfg.adv_mode == "universal"),
          "adv_norm must be 'l2' or 'l1' (l1 needs adv_mode='universal')"),
@@ -265,6 +269,16 @@ def validate(cfg: NFTConfig) -> NFTConfig:
 _OVERRIDES = {"oneshot": {"recipe", "oneshot", "oneshot_upto"},
               "composite_found": {"recipe", "oneshot", "oneshot_upto", "composite_found"},
               "patch_found": {"recipe", "oneshot", "oneshot_upto", "patch_found", "patch_probe"}}
+
+
+def searching(cfg: NFTConfig, step: int, until: float) -> bool:
+    """Whether optimizer step ``step`` (1-based) is in the search part of its round: the first ``until`` of each of
+    ``cfg.rounds`` equal rounds of ``cfg.steps`` (with one round, ``step <= until * steps``). Steps past
+    ``cfg.steps`` (the recovery check's extra rounds) never are."""
+    if step > cfg.steps:
+        return False
+    length = cfg.steps / cfg.rounds
+    return step - length * math.floor((step - 1) / length) <= until * length
 
 
 def for_clean_set(cfg: NFTConfig, per_class: float) -> NFTConfig:

@@ -25,6 +25,7 @@ from .errors import NFTError
 from .masks import Masks, attach, clip_schedule
 from .recovery import clean_gap
 from .nft_config import RECIPES, NFTConfig, for_clean_set, recipe, validate  # noqa: F401 (their home was here)
+from .nft_config import searching as in_search
 from .runtime import Runtime
 from .searches import (ImagePerturbation, NeuronPerturbation, PatchPerturbation, SparsePerturbation, UniversalPerturbation,
                        composite_probe, patch_probe)
@@ -76,7 +77,7 @@ def make_transform(cfg: NFTConfig, clean: CleanSet, g: torch.Generator, model: n
         mix = A.cutmix if cfg.cutmix > 0 and float(torch.rand((), generator=g, device=g.device)) < cfg.cutmix \
             else A.mixup
         xm, ym = mix(x, y, clean.num_classes, cfg.mixup_alpha, g)
-        searching = step <= cfg.adv_until * cfg.steps
+        searching = in_search(cfg, step, cfg.adv_until)
         if adv is not None and (searching or cfg.adv_after > 0):
             k = max(1, round((cfg.adv if searching else cfg.adv_after) * len(x)))
             if cfg.adv_frozen and not searching:
@@ -125,10 +126,9 @@ def make_loss(cfg: NFTConfig, teacher: nn.Module | None, transform, neurons: Neu
     if not kd and neurons is None and not away and cfg.wide <= 0:
         return None
     T = cfg.kd_temp
-    neuron_to = cfg.neuron_until * cfg.steps
 
     def loss(model, x, y, step):
-        w = cfg.neuron if step <= neuron_to else cfg.neuron_after
+        w = cfg.neuron if in_search(cfg, step, cfg.neuron_until) else cfg.neuron_after
         perturbed = neurons is not None and w > 0
         c, e, a = transform.clean, getattr(transform, "extra", 0), getattr(transform, "away", 0)
         split = away and 0 < c < len(x) - e  # rows c: len(x) - e carry the perturbation, the last e are composites

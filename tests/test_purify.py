@@ -384,6 +384,36 @@ def test_neuron_weight_after_the_search_is_neuron_after():
         recipe("paper", neuron_after=0.25)  # no neuron search to continue
 
 
+def test_rounds_repeat_the_search_then_recovery_schedule():
+    """One round is the old rule (step <= until * steps); two rounds search the first half of each half, for both
+    searches; the recovery check's steps past ``steps`` never search."""
+    from nft.nft_config import searching
+    from nft.purify import make_loss
+
+    one, two = recipe("default", steps=200), recipe("default", steps=200, rounds=2)
+    assert [s for s in range(1, 201) if searching(one, s, 0.5)] == list(range(1, 101))
+    assert [s for s in range(1, 201) if searching(two, s, 0.5)] == list(range(1, 51)) + list(range(101, 151))
+    assert not searching(two, 201, 1.0) and searching(two, 200, 1.0)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 3))
+    clean = CleanSet(torch.rand(12, 1, 8, 8), torch.arange(12) % 3, 3, augment="none")
+    cfg = recipe("default", steps=8, batch_size=8, adv=0.5, adv_until=0.5, adv_after=0.0, rounds=2)
+    t = make_transform(cfg, clean, torch.Generator().manual_seed(1), net)
+    assert [len(t(clean.x[:8], clean.y[:8], s)[0]) for s in range(1, 9)] == [12, 12, 8, 8, 12, 12, 8, 8]
+
+    class Fixed:  # a neuron perturbation whose loss is a known constant
+        def loss(self, model, x, y):
+            return torch.tensor(10.0)
+
+    x, y = torch.rand(8, 4), torch.softmax(torch.rand(8, 3), 1)
+    lin = torch.nn.Linear(4, 3)
+    plain = float(torch.nn.functional.cross_entropy(lin(x), y).detach())
+    transform = lambda: None  # noqa: E731
+    transform.clean = 0
+    loss = make_loss(replace(cfg, neuron=0.5, neuron_until=0.5), None, transform, Fixed())
+    assert [round(float(loss(lin, x, y, s).detach()), 4) for s in (2, 3, 6, 7)] == \
+        [round(0.5 * plain + 5, 4), round(plain, 4), round(0.5 * plain + 5, 4), round(plain, 4)]
+
+
 def test_away_loss_pushes_only_the_perturbations_class_down():
     """away_loss is -log(1 - p_t) over the images not of t, t the class most are predicted as; the
     'away' loss gives it to the rows after ``transform.clean`` and cross-entropy to the clean rows."""
@@ -769,7 +799,8 @@ def test_nonfinite_loss_keeps_last_good_masks(tiny):
                                  {"wide_bn": "train"}, {"wide_norm": "linf"}, {"wide_grid": 0}, {"wide_window": 10},
                                  {"patch_probe": 1.5}, {"patch_found": {"patch_probe": 0.5}}, {"patch_found": {"where": "x"}},
                                  {"recover_gap": -1}, {"recover_gap": 1, "bn_recal": 0}, {"recover_steps": 0},
-                                 {"recover_n": 0}, {"recover_rounds": -1}])
+                                 {"recover_n": 0}, {"recover_rounds": -1}, {"rounds": 0},
+                                 {"rounds": 2, "hold_below": 0.5}])
 def test_invalid_settings_are_refused(bad):
     with pytest.raises(NFTError, match="invalid NFT setting"):
         recipe("default", **bad)
