@@ -70,6 +70,10 @@ class NFTConfig:
     neuron_steps: int = 1  # signed-gradient ascent steps on d per batch, from a uniform random start (ANP: 1)
     neuron_until: float = 1.0  # fraction of the steps that use it
     neuron_after: float = 0.0  # its weight after neuron_until (a neuron-space relapse guard during recovery)
+    recover_target_keep: float = 1.0  # during recovery (after adv_until), the share of the clean images of the search's
+    # target class that stay in a batch (the patch search's class when the patch probe flagged one, else the class the
+    # input search sent most perturbed images to): recovery on the target class's own images can reopen a clean-label
+    # trigger (SIG, CLB), whose features live in that class; 1 = all of them (off)
     rounds: int = 1  # the steps are cut into this many equal rounds, each searching for its first adv_until (and
     # neuron_until) and recovering for the rest: a later round's search finds what an earlier recovery reopened
     neuron_part: str = "all"  # images of the batch the perturbed loss sees: 'all', or 'adv' (only those carrying
@@ -209,6 +213,10 @@ def validate(cfg: NFTConfig) -> NFTConfig:
         (cfg.mixup_alpha >= 0, "mixup_alpha must be >= 0"),
         (0 <= cfg.cutmix <= 1, "cutmix must be in [0, 1]"),
         (0 <= cfg.hold_below <= 1, "hold_below must be in [0, 1]"),
+        (0 <= cfg.recover_target_keep <= 1 and (cfg.recover_target_keep == 1 or (
+            cfg.adv > 0 and cfg.adv_mode == "universal" and not cfg.adv_free)),
+         "recover_target_keep must be in [0, 1]; below 1 it needs the universal input search (adv > 0, "
+         "adv_mode='universal', adv_free off)"),
         (cfg.rounds >= 1 and (cfg.rounds == 1 or cfg.hold_below == 0), "rounds must be >= 1 (1 with hold_below)"),
         (cfg.adv_mode in ("universal", "image"), "adv_mode must be 'universal' or 'image'"),
         (cfg.adv_norm in ("l2", "l1") and (cfg.adv_norm == "l2" or cfg.adv_mode == "universal"),

@@ -70,6 +70,13 @@ def make_transform(cfg: NFTConfig, clean: CleanSet, g: torch.Generator, model: n
         else UniversalPerturbation(shape, cfg.wide_eps, cfg.adv_step, g.device, g))
 
     def transform(x, y, step):
+        searching = in_search(cfg, step, cfg.adv_until)
+        t = None if cfg.recover_target_keep >= 1 or adv is None or searching else (
+            cfg.wide_target if cfg.wide > 0 and cfg.wide_target >= 0 else adv.target)
+        if t is not None:
+            keep = (y != t) | (torch.rand(len(y), generator=g, device=g.device) < cfg.recover_target_keep).to(y.device)
+            if bool(keep.any()):
+                x, y = x[keep], y[keep]
         transform.clean = len(x)  # the first images of the batch are clean (MixUp); the rest carry delta
         x = base(x, g)
         if cfg.patches > 0:
@@ -77,7 +84,6 @@ def make_transform(cfg: NFTConfig, clean: CleanSet, g: torch.Generator, model: n
         mix = A.cutmix if cfg.cutmix > 0 and float(torch.rand((), generator=g, device=g.device)) < cfg.cutmix \
             else A.mixup
         xm, ym = mix(x, y, clean.num_classes, cfg.mixup_alpha, g)
-        searching = in_search(cfg, step, cfg.adv_until)
         if adv is not None and (searching or cfg.adv_after > 0):
             k = max(1, round((cfg.adv if searching else cfg.adv_after) * len(x)))
             if cfg.adv_frozen and not searching:
@@ -348,6 +354,7 @@ def purify(model: nn.Module, clean: CleanSet, cfg: NFTConfig | None = None, runt
               "stopped": stopped, **({"recovery_checks": checks} if checks else {}),
               **({"composite_probe": probe} if probe is not None else {}),
               **({"patch_probe": patches} if patches is not None else {}),
+              **({"search_target": transform.adv.target} if getattr(transform.adv, "target", None) is not None else {}),
               "mask_state": mask_state}
     masks.fold()
     return model, masks, history, extras

@@ -65,11 +65,25 @@ class UniversalPerturbation:
         d = self.delta.clone().requires_grad_(True)
         was = model.training
         model.eval()  # no BN statistics from the search batches
-        loss = nn.functional.cross_entropy(model((x + self._per_image(d, len(x))).clamp(0, 1)), y)
+        out = model((x + self._per_image(d, len(x))).clamp(0, 1))
+        loss = nn.functional.cross_entropy(out, y)
         (grad,) = torch.autograd.grad(loss, d)
         model.train(was)
+        self._vote(out.detach(), y)
         self.delta = self._ascent(d.detach(), grad)
         return self.apply(x)
+
+    def _vote(self, out: torch.Tensor, y: torch.Tensor) -> None:
+        """Count, per class, the perturbed images sent there from another class: ``target`` is the class
+        the search sends most images to (the backdoor's target once it has found the trigger)."""
+        pred = out.argmax(1)
+        votes = torch.bincount(pred[pred != y], minlength=out.shape[1])
+        self.votes = votes if getattr(self, "votes", None) is None else self.votes + votes
+
+    @property
+    def target(self) -> int | None:
+        votes = getattr(self, "votes", None)
+        return None if votes is None or int(votes.sum()) == 0 else int(votes.argmax())
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         return (x + self._per_image(self.delta, len(x))).clamp(0, 1)

@@ -414,6 +414,39 @@ def test_rounds_repeat_the_search_then_recovery_schedule():
         [round(0.5 * plain + 5, 4), round(plain, 4), round(0.5 * plain + 5, 4), round(plain, 4)]
 
 
+def test_search_target_is_where_the_perturbation_sends_images_and_recovery_can_leave_its_images_out():
+    """The universal search counts where it sends images of other classes; with recover_target_keep=0, recovery's
+    batches hold no clean image of that class (the search's batches still do), with 1 all of them."""
+
+    class ToTwo(torch.nn.Module):  # sends anything to class 2
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, x):
+            out = torch.zeros(len(x), 3) + self.w * x.flatten(1).sum(1, keepdim=True)
+            out[:, 2] += 5
+            return out
+
+    net = ToTwo()
+    clean = CleanSet(torch.rand(12, 1, 8, 8), torch.arange(12) % 3, 3, augment="none")
+    cfg = recipe("default", steps=4, batch_size=12, adv=0.5, adv_until=0.5, adv_after=0.0, recover_target_keep=0.0)
+    t = make_transform(cfg, clean, torch.Generator().manual_seed(1), net)
+    assert t.adv.target is None  # nothing searched yet
+    sizes = [len(t(clean.x, clean.y, s)[0]) for s in (1, 2, 3, 4)]
+    assert t.adv.target == 2 and int(t.adv.votes[2]) == 2 * 4 and int(t.adv.votes[:2].sum()) == 0
+    assert sizes == [18, 18, 8, 8]  # 12 clean + 6 perturbed while searching; then the 8 clean images not of class 2
+    off = make_transform(replace(cfg, recover_target_keep=1.0), clean, torch.Generator().manual_seed(1), net)
+    assert [len(off(clean.x, clean.y, s)[0]) for s in (1, 2, 3, 4)] == [18, 18, 12, 12]
+    half = make_transform(replace(cfg, recover_target_keep=0.5), clean, torch.Generator().manual_seed(1), net)
+    assert [len(half(clean.x, clean.y, s)[0]) for s in (1, 2)] == [18, 18]
+    assert 8 <= len(half(clean.x, clean.y, 3)[0]) <= 12
+    with pytest.raises(NFTError, match="recover_target_keep"):
+        recipe("paper", recover_target_keep=0.0)  # no input search, no target
+    with pytest.raises(NFTError, match="recover_target_keep"):
+        recipe("default", recover_target_keep=1.5)
+
+
 def test_away_loss_pushes_only_the_perturbations_class_down():
     """away_loss is -log(1 - p_t) over the images not of t, t the class most are predicted as; the
     'away' loss gives it to the rows after ``transform.clean`` and cross-entropy to the clean rows."""
