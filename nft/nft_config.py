@@ -4,7 +4,6 @@
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field, fields, replace
 
 from .errors import NFTError
@@ -286,7 +285,7 @@ def searching(cfg: NFTConfig, step: int, until: float) -> bool:
     if step > cfg.steps:
         return False
     length = cfg.steps / cfg.rounds
-    return step - length * math.floor((step - 1) / length) <= until * length
+    return (step - 1) % length + 1 <= until * length
 
 
 def for_clean_set(cfg: NFTConfig, per_class: float) -> NFTConfig:

@@ -25,7 +25,7 @@ from .errors import NFTError
 from .masks import Masks, attach, clip_schedule
 from .recovery import clean_gap
 from .nft_config import RECIPES, NFTConfig, for_clean_set, recipe, validate  # noqa: F401 (their home was here)
-from .nft_config import searching as in_search
+from .nft_config import searching as in_search  # 'searching' is a local name in make_transform
 from .runtime import Runtime
 from .searches import (ImagePerturbation, NeuronPerturbation, PatchPerturbation, SparsePerturbation, UniversalPerturbation,
                        composite_probe, patch_probe)

@@ -361,14 +361,15 @@ def test_weight_masks_with_adam_purify_and_move_single_weights(tiny):
     assert not any("parametrizations" in k for k in purified.state_dict())
 
 
+class FixedNeuronLoss:  # a neuron perturbation whose loss is a known constant
+    def loss(self, model, x, y):
+        return torch.tensor(10.0)
+
+
 def test_neuron_weight_after_the_search_is_neuron_after():
     """make_loss mixes in the perturbed loss with weight ``neuron`` up to neuron_until, then
     ``neuron_after``: the total is exactly (1 - w) clean + w perturbed, with the perturbed value given."""
     from nft.purify import make_loss
-
-    class Fixed:  # a neuron perturbation whose loss is a known constant
-        def loss(self, model, x, y):
-            return torch.tensor(10.0)
 
     net = torch.nn.Linear(4, 3)
     x, y = torch.rand(8, 4), torch.softmax(torch.rand(8, 3), 1)
@@ -377,7 +378,7 @@ def test_neuron_weight_after_the_search_is_neuron_after():
     transform.clean = 0
     for after in (0.0, 0.25):
         cfg = recipe("default", steps=100, neuron_until=0.5, neuron_after=after)
-        loss = make_loss(cfg, None, transform, Fixed())
+        loss = make_loss(cfg, None, transform, FixedNeuronLoss())
         assert float(loss(net, x, y, 50).detach()) == pytest.approx(0.5 * clean + 0.5 * 10)
         assert float(loss(net, x, y, 51).detach()) == pytest.approx((1 - after) * clean + after * 10)
     with pytest.raises(NFTError, match="neuron_after"):
@@ -400,16 +401,12 @@ def test_rounds_repeat_the_search_then_recovery_schedule():
     t = make_transform(cfg, clean, torch.Generator().manual_seed(1), net)
     assert [len(t(clean.x[:8], clean.y[:8], s)[0]) for s in range(1, 9)] == [12, 12, 8, 8, 12, 12, 8, 8]
 
-    class Fixed:  # a neuron perturbation whose loss is a known constant
-        def loss(self, model, x, y):
-            return torch.tensor(10.0)
-
     x, y = torch.rand(8, 4), torch.softmax(torch.rand(8, 3), 1)
     lin = torch.nn.Linear(4, 3)
     plain = float(torch.nn.functional.cross_entropy(lin(x), y).detach())
     transform = lambda: None  # noqa: E731
     transform.clean = 0
-    loss = make_loss(replace(cfg, neuron=0.5, neuron_until=0.5), None, transform, Fixed())
+    loss = make_loss(replace(cfg, neuron=0.5, neuron_until=0.5), None, transform, FixedNeuronLoss())
     assert [round(float(loss(lin, x, y, s).detach()), 4) for s in (2, 3, 6, 7)] == \
         [round(0.5 * plain + 5, 4), round(plain, 4), round(0.5 * plain + 5, 4), round(plain, 4)]
 
