@@ -73,6 +73,8 @@ def make_transform(cfg: NFTConfig, clean: CleanSet, g: torch.Generator, model: n
         searching = in_search(cfg, step, cfg.adv_until)
         t = None if cfg.recover_target_keep >= 1 or adv is None or searching else (
             cfg.wide_target if cfg.wide > 0 and cfg.wide_target >= 0 else adv.target)
+        if t is not None and cfg.recover_target_gap >= 0 and behind(t):
+            t = None
         if t is not None:
             keep = (y != t) | (torch.rand(len(y), generator=g, device=g.device) < cfg.recover_target_keep).to(y.device)
             if bool(keep.any()):
@@ -113,6 +115,21 @@ def make_transform(cfg: NFTConfig, clean: CleanSet, g: torch.Generator, model: n
             transform.extra = n
         return xm, ym
 
+    @torch.no_grad()
+    def class_acc(t):  # the model's accuracy (eval mode) on the clean set's images of class t, in points
+        was, xt = model.training, clean.x[clean.y == t].to(next(model.parameters()).device)
+        model.eval()
+        acc = 100.0 * float((model(xt).argmax(1).cpu() == t).float().mean()) if len(xt) else 100.0
+        model.train(was)
+        return acc
+
+    reference = {}  # class -> the original's accuracy on it (masks at 1, before any step)
+
+    def behind(t):
+        return class_acc(t) < reference[t] - cfg.recover_target_gap
+
+    if cfg.recover_target_gap >= 0 and adv is not None:
+        reference.update({c: class_acc(c) for c in range(clean.num_classes)})
     members = {c: (clean.y == c).nonzero().flatten() for c in {c for p in pairs or [] for c in p[:2]}}
     jitter = A.half_mix_jitter(shape)
     transform.clean = transform.extra = transform.away = 0

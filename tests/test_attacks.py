@@ -365,3 +365,20 @@ def test_clb_foreground_only_pgd_leaves_the_background_alone():
     xa = a.adversarial(x, torch.zeros(6, dtype=torch.long))
     assert (xa[:, :, : x.shape[2] // 2] == 0).all()
     assert (xa - x).abs().max() <= 0.3 + 1e-6 and (xa - x).abs().max() > 0
+
+
+def test_issba_image_loss_starts_by_ramp_by_at_the_latest():
+    """In a few steps the bits never reach 0.9, so without ramp_by the image loss never starts (ramp_start None);
+    with ramp_by=2 it starts at step 2, the manifest-facing params carry it only when set, and bad values are refused."""
+    from nft.errors import NFTError
+    kw = dict(num_classes=C, image_shape=SHAPES[0], steps=4, widths=(4, 8), bits=8)
+    late = build_attack("issba", **kw).fit(fake_data(SHAPES[0]), rt())
+    capped = build_attack("issba", ramp_by=2, **kw).fit(fake_data(SHAPES[0]), rt())
+    assert late.fit_stats["ramp_start"] is None and capped.fit_stats["ramp_start"] == 2
+    assert "ramp_by" not in late.params() and capped.params()["ramp_by"] == 2
+    assert capped.fit_stats["psnr"] != late.fit_stats["psnr"]  # the image loss changed the last step's encoder
+    with pytest.raises(NFTError, match="ramp_by"):
+        build_attack("issba", ramp_by=4, **kw)
+    from nft.trainer import TrainConfig, manifest_for  # the manifest keeps a fit's stats; attacks without any add none
+    assert manifest_for(fake_data(SHAPES[0]), TrainConfig(), rt(), capped)["attack"]["fit_stats"] == capped.fit_stats
+    assert "fit_stats" not in manifest_for(fake_data(SHAPES[0]), TrainConfig(), rt(), make("badnets", SHAPES[0]))["attack"]

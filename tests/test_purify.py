@@ -419,10 +419,11 @@ def test_search_target_is_where_the_perturbation_sends_images_and_recovery_can_l
         def __init__(self):
             super().__init__()
             self.w = torch.nn.Parameter(torch.zeros(1))
+            self.shift = 0.0  # added to class 2's logit
 
         def forward(self, x):
             out = torch.zeros(len(x), 3) + self.w * x.flatten(1).sum(1, keepdim=True)
-            out[:, 2] += 5
+            out[:, 2] += 5 + self.shift
             return out
 
     net = ToTwo()
@@ -442,6 +443,16 @@ def test_search_target_is_where_the_perturbation_sends_images_and_recovery_can_l
         recipe("paper", recover_target_keep=0.0)  # no input search, no target
     with pytest.raises(NFTError, match="recover_target_keep"):
         recipe("default", recover_target_keep=1.5)
+
+    # recover_target_gap: the class's images all stay while the model is behind the original on them
+    gated = make_transform(replace(cfg, recover_target_gap=0.0), clean, torch.Generator().manual_seed(1), net)
+    assert [len(gated(clean.x, clean.y, s)[0]) for s in (1, 2, 3)] == [18, 18, 8]  # class 2 at 100 as the original
+    net.shift = -10.0  # now every image goes to class 0: class 2 at 0 against the original's 100
+    assert len(gated(clean.x, clean.y, 4)[0]) == 12
+    net.shift = 0.0
+    assert len(gated(clean.x, clean.y, 4)[0]) == 8
+    with pytest.raises(NFTError, match="recover_target_gap"):
+        recipe("default", recover_target_gap=0.0)  # needs recover_target_keep < 1
 
 
 def test_away_loss_pushes_only_the_perturbations_class_down():
