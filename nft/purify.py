@@ -117,7 +117,7 @@ def make_transform(cfg: NFTConfig, clean: CleanSet, g: torch.Generator, model: n
 
     @torch.no_grad()
     def class_acc(t):  # the model's accuracy (eval mode) on the clean set's images of class t, in points
-        was, xt = model.training, clean.x[clean.y == t].to(next(model.parameters()).device)
+        was, xt = model.training, clean.x[clean.y == t].to(g.device)
         model.eval()
         acc = 100.0 * float((model(xt).argmax(1).cpu() == t).float().mean()) if len(xt) else 100.0
         model.train(was)
