@@ -813,6 +813,28 @@ def test_recovery_goes_on_only_while_the_clean_gap_is_above_recover_gap(tiny, mo
     assert all(torch.equal(off["mask_state"][k], undone["mask_state"][k]) for k in off["mask_state"])
 
 
+def test_per_weight_masks_from_a_flagged_pair_get_the_clean_check_but_no_extra_round(tiny, monkeypatch):
+    """With a flagged composite pair the masks are per weight and fit the clean images' affine copies, so a failed
+    check cannot be trusted to ask for more recovery (benchmarks/NOTES.md §31): the check is still run and recorded,
+    and recovery stops there. Without a flagged pair the same failed check adds its rounds."""
+    import nft.purify as P
+
+    rt, data, attack, model, clean = tiny
+    cfg = recipe("default", steps=20, batch_size=32, bn_recal=2, oneshot={}, patch_probe=0.0, recover_gap=1.0,
+                 recover_steps=10)
+    monkeypatch.setattr(P, "clean_gap", lambda *a: {"gap": 5.0})
+    monkeypatch.setattr(P, "composite_probe", lambda *a: {"pairs": [], "top": (1, 2, 0, 0.2), "probed": 45})
+    unflagged = purify(model, clean, cfg, rt)[3]
+    assert len(unflagged["recovery_checks"]) == 3 and unflagged["config"]["recover_rounds"] == 2
+    monkeypatch.setattr(P, "composite_probe", lambda *a: {"pairs": [(1, 2, 0, 1.0)], "top": (1, 2, 0, 1.0), "probed": 45})
+    loss_steps, make_loss = [], P.make_loss
+    monkeypatch.setattr(P, "make_loss", lambda *a: (lambda f: lambda m, x, y, s: loss_steps.append(s) or f(m, x, y, s))(
+        make_loss(*a)))
+    flagged = purify(model, clean, cfg, rt)[3]
+    assert flagged["config"]["where"] == "weight" and flagged["config"]["recover_rounds"] == 0
+    assert flagged["recovery_checks"] == [{"gap": 5.0}] and max(loss_steps) == 20
+
+
 def test_nonfinite_loss_keeps_last_good_masks(tiny):
     rt, data, attack, model, clean = tiny
     cfg = recipe("paper", steps=30, batch_size=32, lr=0.5)
