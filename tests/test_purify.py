@@ -784,6 +784,16 @@ def test_clean_gap_is_zero_for_the_model_itself_and_large_for_a_broken_one(tiny)
     assert same["original"] > 15 and gap["purified"] == 10.0 and gap["gap"] == same["original"] - gap["purified"]
 
 
+def _record_loss_steps(monkeypatch) -> list[int]:
+    """Wrap nft.purify.make_loss so every loss call appends the global step it was given; returns that list."""
+    import nft.purify as P
+
+    steps, make_loss = [], P.make_loss
+    monkeypatch.setattr(P, "make_loss", lambda *a: (lambda f: lambda m, x, y, s: steps.append(s) or f(m, x, y, s))(
+        make_loss(*a)))
+    return steps
+
+
 def test_recovery_goes_on_only_while_the_clean_gap_is_above_recover_gap(tiny, monkeypatch):
     """A check the model passes changes nothing (bit for bit the run without the check); a failed one adds
     recover_steps more recovery steps, up to recover_rounds times, with the step-dependent settings seeing the
@@ -798,9 +808,7 @@ def test_recovery_goes_on_only_while_the_clean_gap_is_above_recover_gap(tiny, mo
     assert all(torch.equal(off["mask_state"][k], passed["mask_state"][k]) for k in off["mask_state"])
     gaps = iter([5.0, 4.0, 2.0, 3.0, 5.0, 4.0])
     monkeypatch.setattr(P, "clean_gap", lambda *a: {"gap": next(gaps)})
-    seen, loss_steps, make_loss = [], [], P.make_loss
-    monkeypatch.setattr(P, "make_loss", lambda *a: (lambda f: lambda m, x, y, s: loss_steps.append(s) or f(m, x, y, s))(
-        make_loss(*a)))
+    seen, loss_steps = [], _record_loss_steps(monkeypatch)
     _, _, history, failed = purify(model, clean, replace(cfg, recover_gap=1.0, recover_steps=10, recover_rounds=2), rt,
                                    monitor=lambda m: seen.append(1) or {})
     steps = [h["step"] for h in history if "loss" in h]
@@ -827,9 +835,7 @@ def test_per_weight_masks_from_a_flagged_pair_get_the_clean_check_but_no_extra_r
     unflagged = purify(model, clean, cfg, rt)[3]
     assert len(unflagged["recovery_checks"]) == 3 and unflagged["config"]["recover_rounds"] == 2
     monkeypatch.setattr(P, "composite_probe", lambda *a: {"pairs": [(1, 2, 0, 1.0)], "top": (1, 2, 0, 1.0), "probed": 45})
-    loss_steps, make_loss = [], P.make_loss
-    monkeypatch.setattr(P, "make_loss", lambda *a: (lambda f: lambda m, x, y, s: loss_steps.append(s) or f(m, x, y, s))(
-        make_loss(*a)))
+    loss_steps = _record_loss_steps(monkeypatch)
     flagged = purify(model, clean, cfg, rt)[3]
     assert flagged["config"]["where"] == "weight" and flagged["config"]["recover_rounds"] == 0
     assert flagged["recovery_checks"] == [{"gap": 5.0}] and max(loss_steps) == 20
