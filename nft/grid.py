@@ -44,7 +44,7 @@ def expand_grid(base: ModelSpec, attacks: list[str], defenses: list[str], seeds:
         raise NFTError(f"--set scope(s) {stray} match no attack or defense of this grid")
     if not seeds or not clean_sizes:
         raise NFTError("give at least one seed and one clean-set size")
-    models = [ModelSpec(**dict(asdict(base), attack=a, seed=s, attack_kwargs=dict(sets.get(a, {}))))
+    models = [ModelSpec(**dict(asdict(base), attack=a, seed=s, attack_kwargs=_attack_kwargs(a, sets)))
               for a in attacks for s in seeds]
     cells, save_ids = [], set()
     for m in models:
@@ -58,6 +58,12 @@ def expand_grid(base: ModelSpec, attacks: list[str], defenses: list[str], seeds:
     # seed-major, Benign last within a seed: a grid stopped early still has whole tables for its first seeds
     cells.sort(key=lambda c: (seeds.index(c.model.seed), c.model.attack == BENIGN, attacks.index(c.model.attack)))
     return models, cells, save_ids
+
+
+def _attack_kwargs(attack: str, sets: dict[str, dict]) -> dict:
+    """The --set overrides of ``attack`` over its class's ``spec_defaults`` (see nft.attacks.base.Attack)."""
+    pinned = {} if attack == BENIGN else ATTACKS.get(attack).spec_defaults
+    return {**pinned, **sets.get(attack, {})}
 
 
 def _check_defense(spec: str) -> None:

@@ -17,7 +17,7 @@ C = 10
 FAST = {
     "inputaware": dict(mask_steps=3, widths=(4, 8)),
     "lira": dict(widths=(4, 8)),
-    "issba": dict(steps=3, widths=(4, 8), bits=8),
+    "issba": dict(steps=3, widths=(4, 8), bits=8, ramp_by=None),
     "lf": dict(steps=3, surrogate_epochs=0.1),
     "trojannn": dict(steps=3, surrogate_epochs=0.1),
     "clb": dict(steps=2, surrogate_epochs=0.1),
@@ -369,13 +369,13 @@ def test_clb_foreground_only_pgd_leaves_the_background_alone():
 
 def test_issba_image_loss_starts_by_ramp_by_at_the_latest():
     """In a few steps the bits never reach 0.9, so without ramp_by the image loss never starts (ramp_start None);
-    with ramp_by=2 it starts at step 2, the manifest-facing params carry it only when set, and bad values are refused."""
+    with ramp_by=2 it starts at step 2, the manifest-facing params carry it, and bad values are refused."""
     from nft.errors import NFTError
     kw = dict(num_classes=C, image_shape=SHAPES[0], steps=4, widths=(4, 8), bits=8)
-    late = build_attack("issba", **kw).fit(fake_data(SHAPES[0]), rt())
+    late = build_attack("issba", ramp_by=None, **kw).fit(fake_data(SHAPES[0]), rt())
     capped = build_attack("issba", ramp_by=2, **kw).fit(fake_data(SHAPES[0]), rt())
     assert late.fit_stats["ramp_start"] is None and capped.fit_stats["ramp_start"] == 2
-    assert "ramp_by" not in late.params() and capped.params()["ramp_by"] == 2
+    assert late.params()["ramp_by"] is None and capped.params()["ramp_by"] == 2  # None too: it is no longer the default
     assert capped.fit_stats["psnr"] != late.fit_stats["psnr"]  # the image loss changed the last step's encoder
     with pytest.raises(NFTError, match="ramp_by"):
         build_attack("issba", ramp_by=4, **kw)

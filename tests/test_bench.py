@@ -53,6 +53,24 @@ def test_grid_expansion_includes_benign_and_validates_names():
             expand_grid(TINY, **kw)
 
 
+def test_issbas_changed_defaults_are_written_into_the_spec():
+    """ISSBA's fit defaults changed (1200 steps, ramp_by 400) after records with no ISSBA settings existed: the grid
+    writes them into the spec, so a default grid neither reuses an old-default model nor skips an old-default cell,
+    and it matches the cells made with the same settings given explicitly; a --set still wins."""
+    from nft.attacks import build_attack
+
+    assert {k: build_attack("issba", num_classes=10, image_shape=(1, 28, 28)).params()[k] for k in ("steps", "ramp_by")} \
+        == {"steps": 1200, "ramp_by": 400}
+    old = ModelSpec(**{**TINY.__dict__, "attack": "issba", "seed": 0})
+    explicit = expand_grid(TINY, ["issba"], ["nft"], [0], [5], {"issba": {"steps": 1200, "ramp_by": 400}}, benign=False)
+    default = expand_grid(TINY, ["issba"], ["nft"], [0], [5], benign=False)
+    assert default[0][0].attack_kwargs == {"steps": 1200, "ramp_by": 400} and default[0][0].key != old.key
+    assert default[0][0].key == explicit[0][0].key and default[1][0].cell_id == explicit[1][0].cell_id
+    first = expand_grid(TINY, ["issba", "badnets"], ["nft"], [0], [5], {"issba": {"steps": 800, "ramp_by": None}},
+                        benign=False)[0]
+    assert first[0].attack_kwargs == {"steps": 800, "ramp_by": None} and first[1].attack_kwargs == {}
+
+
 def test_model_key_and_cell_id_follow_the_config():
     a = ModelSpec(**{**TINY.__dict__, "attack": "badnets"})
     b = ModelSpec(**{**TINY.__dict__, "attack": "badnets", "epochs": 2})

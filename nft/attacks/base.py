@@ -20,6 +20,10 @@ class Attack:
     name = "attack"
     clean_label = False  # poison only target-class images and keep their labels
     modes = ("all2one",)
+    # Settings whose defaults changed after benchmark records existed. The bench writes them into every
+    # model spec (nft.grid.expand_grid), so a spec made under the new defaults never shares a cache key or a
+    # cell id with an older record that left them out (that record's model was built with the old defaults).
+    spec_defaults: dict = {}
 
     def __init__(self, num_classes: int = 10, image_shape=(3, 32, 32), target: int = 0, mode: str = "all2one",
                  seed: int = 0, **params):
