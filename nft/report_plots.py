@@ -4,6 +4,7 @@
 - ACC/ASR along purification (the history the bench's monitor logged);
 - sample efficiency: ASR/ACC against clean images per class;
 - runtime and peak memory per defense;
+- the trade-off: each defense's average ASR after against its average ACC drop (Table 1's Avg. Drop);
 - t-SNE of penultimate features before and after purification (the paper's Fig. 1), from the
   backdoored model cached under models/ and the purified model the bench kept under artifacts/.
 """
@@ -19,7 +20,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from .records import BENIGN, NO_DEFENSE  # noqa: E402
-from .report import Section, attack_label, cell_stats, defense_label, efficiency_rows, group  # noqa: E402
+from .report import Section, attack_label, avg_drop, cell_stats, defense_label, efficiency_rows, group  # noqa: E402
 from .report_claims import PROPOSED  # noqa: E402
 
 
@@ -166,13 +167,63 @@ def runtime(sec: Section, path: str) -> str | None:
     return _save(fig, path)
 
 
+def _avg_asr(g, attacks: list[str], defense: str, size) -> tuple[float | None, float | None]:
+    """Mean over attacks of the mean ASR after, and its std over the seeds where every attack has a cell."""
+    real = [a for a in attacks if a != BENIGN]
+    per_attack, per_seed = [], defaultdict(list)
+    for a in real:
+        vals = {r["seed"]: float(r["asr"]) for r in g.get((a, defense, size), []) if r.get("asr") is not None}
+        if vals:
+            per_attack.append(statistics.fmean(vals.values()))
+        for s, v in vals.items():
+            per_seed[s].append(v)
+    complete = [statistics.fmean(v) for v in per_seed.values() if len(v) == len(real)]
+    return (statistics.fmean(per_attack) if per_attack else None,
+            statistics.stdev(complete) if len(complete) > 1 else None)
+
+
+def tradeoff(sec: Section, path: str) -> str | None:
+    """Average ASR after (x) against average ACC drop (y), one point per defense at the main clean-set size
+    (and the proposed recipe at its other sizes, hollow): a defense that removes nothing sits far right at a
+    small ACC drop, so the ACC-drop column alone does not rank defenses. Lower left is better."""
+    g = group(sec.records)
+    colors = _colors(sec.defenses)
+    pts = []  # (defense, size, x, xerr, y, yerr)
+    for d in sec.defenses:
+        if d == NO_DEFENSE:
+            continue
+        for n in (sec.sizes if d == PROPOSED else [sec.main_size]):
+            x, xe = _avg_asr(g, sec.attacks, d, n)
+            y, ye, _ = avg_drop(g, sec.attacks, d, n, "acc")
+            if x is not None and y is not None:
+                pts.append((d, n, x, xe, y, ye))
+    if not pts:
+        return None
+    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=110)
+    for d, n, x, xe, y, ye in pts:
+        main = n == sec.main_size
+        ax.errorbar([x], [y], xerr=[xe or 0], yerr=[ye or 0], marker="o", ms=7, capsize=2, color=colors[d],
+                    mfc=colors[d] if main else "white", ls="none")
+        ax.annotate(defense_label(d) if main else f"{defense_label(d)} {n}/class", (x, y), fontsize=7,
+                    xytext=(4, 4), textcoords="offset points")
+    ax.set_xlabel("average ASR after defense, % (lower is better)")
+    ax.set_ylabel("average ACC drop, points (lower is better)")
+    ax.set_xlim(-3, 103)
+    ax.axhline(0, color="0.6", lw=0.8)
+    ax.grid(alpha=0.3)
+    ax.set_title(f"trade-off over {len([a for a in sec.attacks if a != BENIGN])} attacks "
+                 f"({sec.main_size} clean/class; hollow: other sizes)", fontsize=9)
+    return _save(fig, path)
+
+
 def section_plots(sec: Section, results: str, out: str, tag: str, tsne_samples: int = 600) -> list[tuple[str, str]]:
     """Every plot of a section: [(path, caption)]."""
     figs = []
     for fn, name, cap in ((bars, "bars", "ASR and ACC per attack and defense"),
                           (purification, "purification", "ACC and ASR along purification"),
                           (sample_efficiency, "sample_efficiency", "ASR and ACC against clean images per class"),
-                          (runtime, "runtime", "time and peak memory per defense")):
+                          (runtime, "runtime", "time and peak memory per defense"),
+                          (tradeoff, "tradeoff", "average ASR after against average ACC drop per defense")):
         p = fn(sec, os.path.join(out, f"{tag}_{name}.png"))
         if p:
             figs.append((p, f"{sec.name}: {cap}"))
@@ -182,4 +233,4 @@ def section_plots(sec: Section, results: str, out: str, tag: str, tsne_samples: 
     return figs
 
 
-__all__ = ["bars", "purification", "sample_efficiency", "runtime", "section_plots", "BENIGN"]
+__all__ = ["bars", "purification", "sample_efficiency", "runtime", "tradeoff", "section_plots", "BENIGN"]

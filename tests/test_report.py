@@ -41,6 +41,17 @@ def records():
     return out
 
 
+def test_tradeoff_plots_the_average_asr_after_against_the_avg_acc_drop():
+    """x of the trade-off plot: mean over attacks of the seed-mean ASR after, std over complete seeds."""
+    from nft.report_plots import _avg_asr
+
+    g, attacks = group(records()), [BENIGN, "a1", "a2"]
+    mu, sd = _avg_asr(g, attacks, "d1", 50)  # a1 (2 + 4) / 2 = 3, a2 (6 + 2) / 2 = 4; seeds 0: 4, 1: 3
+    assert mu == pytest.approx(3.5) and sd == pytest.approx(0.5 ** 0.5)
+    assert _avg_asr(g, attacks, "d1", 5) == (pytest.approx(40.0), None)  # one seed: no spread
+    assert _avg_asr(g, attacks, "nosuch", 50) == (None, None)
+
+
 def test_mean_std_and_format():
     assert mean_std([1.0, 3.0]) == (2.0, pytest.approx(2 ** 0.5), 2)
     assert mean_std([None, 4.0, float("nan")]) == (4.0, 0.0, 1)
@@ -188,7 +199,7 @@ def test_report_files_from_hand_made_records(tmp_path):
     summary = list(csv.DictReader(open(paths["summary_csv"])))
     assert len(summary) == 3 + 3 + 2
     html = open(paths["html"]).read()
-    assert html.count("data:image/png;base64,") == len(paths["figures"]) == 4
+    assert html.count("data:image/png;base64,") == len(paths["figures"]) == 5
     _check_pngs(paths["figures"])
 
 
@@ -219,9 +230,9 @@ def test_report_of_a_real_bench_grid_with_tsne(tmp_path, capsys):
     assert "Avg. Drop" in printed
     summary = json.loads(printed.strip().splitlines()[-1])
     figs = sorted(os.listdir(os.path.join(out, "report")))
-    assert {"s0_bars.png", "s0_purification.png", "s0_sample_efficiency.png", "s0_runtime.png",
+    assert {"s0_bars.png", "s0_purification.png", "s0_sample_efficiency.png", "s0_runtime.png", "s0_tradeoff.png",
             "s0_tsne_badnets.png"} <= set(figs), figs
-    assert summary["figures"] == 5
+    assert summary["figures"] == 6
     _check_pngs([os.path.join(out, "report", f) for f in figs if f.endswith(".png")])
     md = open(os.path.join(out, "report", "report.md")).read()
     assert "± " in md and "| Benign |" in md and "| badnets |" in md
