@@ -184,7 +184,7 @@ def _avg_asr(g, attacks: list[str], defense: str, size) -> tuple[float | None, f
 
 def tradeoff(sec: Section, path: str) -> str | None:
     """Average ASR after (x) against average ACC drop (y), one point per defense at the main clean-set size
-    (and the proposed recipe at its other sizes, hollow): a defense that removes nothing sits far right at a
+    (and the proposed recipe at its other sizes, hollow shapes): a defense that removes nothing sits far right at a
     small ACC drop, so the ACC-drop column alone does not rank defenses. Lower left is better."""
     g = group(sec.records)
     colors = _colors(sec.defenses)
@@ -199,13 +199,13 @@ def tradeoff(sec: Section, path: str) -> str | None:
                 pts.append((d, n, x, xe, y, ye))
     if not pts:
         return None
-    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=110)
+    fig, ax = plt.subplots(figsize=(7.6, 4.4), dpi=110)
+    shapes = iter("^sDvP*X")
     for d, n, x, xe, y, ye in pts:
         main = n == sec.main_size
-        ax.errorbar([x], [y], xerr=[xe or 0], yerr=[ye or 0], marker="o", ms=7, capsize=2, color=colors[d],
-                    mfc=colors[d] if main else "white", ls="none")
-        ax.annotate(defense_label(d) if main else f"{defense_label(d)} {n}/class", (x, y), fontsize=7,
-                    xytext=(4, 4), textcoords="offset points")
+        ax.errorbar([x], [y], xerr=[xe or 0], yerr=[ye or 0], marker="o" if main else next(shapes), ms=7, capsize=2,
+                    color=colors[d], mfc=colors[d] if main else "white", ls="none",
+                    label=defense_label(d) if main else f"{defense_label(d)}, {n}/class")
     ax.set_xlabel("average ASR after defense, % (lower is better)")
     ax.set_ylabel("average ACC drop, points (lower is better)")
     ax.set_xlim(-3, 103)
@@ -213,6 +213,7 @@ def tradeoff(sec: Section, path: str) -> str | None:
     ax.grid(alpha=0.3)
     ax.set_title(f"trade-off over {len([a for a in sec.attacks if a != BENIGN])} attacks "
                  f"({sec.main_size} clean/class; hollow: other sizes)", fontsize=9)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
     return _save(fig, path)
 
 
