@@ -13,10 +13,11 @@ from .runtime import Runtime
 
 
 @torch.no_grad()
-def recalibrate_bn(model: nn.Module, clean: CleanSet, cfg: NFTConfig, runtime: Runtime) -> None:
+def recalibrate_bn(model: nn.Module, clean: CleanSet, cfg: NFTConfig, runtime: Runtime, perturb=None) -> None:
     """Re-estimate BatchNorm running statistics as a plain average over ``cfg.bn_recal`` batches of
     clean images with the standard augmentation only. MixUp batches have less variance than real
-    images, so statistics gathered during mask training are biased (benchmarks/NOTES.md §2)."""
+    images, so statistics gathered during mask training are biased (benchmarks/NOTES.md §2).
+    ``perturb(x) -> x``, if given, edits each augmented batch (``perturbed_share``)."""
     bns = list(_tracking_bns(model).values())
     if not bns:
         return
@@ -30,7 +31,8 @@ def recalibrate_bn(model: nn.Module, clean: CleanSet, cfg: NFTConfig, runtime: R
     model.train()
     for _ in range(cfg.bn_recal):
         idx = torch.randint(0, len(clean), (cfg.batch_size,), generator=gi)
-        model(base(clean.x[idx].to(runtime.torch_device), g))
+        x = base(clean.x[idx].to(runtime.torch_device), g)
+        model(x if perturb is None else perturb(x))
     for m, mom in zip(bns, saved):
         m.momentum = mom
 
@@ -45,7 +47,8 @@ def _bn_stats(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
 
 
 @torch.no_grad()
-def transfer_bn_delta(original: nn.Module, model: nn.Module, clean: CleanSet, cfg: NFTConfig, runtime: Runtime) -> None:
+def transfer_bn_delta(original: nn.Module, model: nn.Module, clean: CleanSet, cfg: NFTConfig, runtime: Runtime,
+                      perturb=None) -> None:
     """Give ``model`` the statistics of ``original`` (estimated on its full training data) moved by
     what the masks changed: mean + (after - before), var * (after / before), where before/after are
     estimated from the same clean batches with the original and the masked model. The bias of a tiny
@@ -54,7 +57,7 @@ def transfer_bn_delta(original: nn.Module, model: nn.Module, clean: CleanSet, cf
     ref = copy.deepcopy(original).to(runtime.torch_device)
     recalibrate_bn(ref, clean, cfg, runtime)
     before = _bn_stats(ref)
-    recalibrate_bn(model, clean, cfg, runtime)
+    recalibrate_bn(model, clean, cfg, runtime, perturb)  # (the original's estimate stays plain)
     for n, m in _tracking_bns(model).items():
         if n in own:
             (mu, var), (mu0, var0) = own[n], before[n]
@@ -62,10 +65,32 @@ def transfer_bn_delta(original: nn.Module, model: nn.Module, clean: CleanSet, cf
             m.running_var.copy_(var.to(m.running_var) * (m.running_var + 1e-5) / (var0 + 1e-5))
 
 
-def reestimate_bn(original: nn.Module, model: nn.Module, clean: CleanSet, cfg: NFTConfig, runtime: Runtime) -> None:
+def reestimate_bn(original: nn.Module, model: nn.Module, clean: CleanSet, cfg: NFTConfig, runtime: Runtime,
+                  searches=()) -> None:
     """The final BN step of ``cfg``: re-estimate from ``cfg.bn_recal`` plain clean batches, or
-    (``bn_recal_mode='delta'``) move ``original``'s statistics by what the masks changed."""
+    (``bn_recal_mode='delta'``) move ``original``'s statistics by what the masks changed. With
+    ``cfg.bn_recal_adv``, ``searches`` (perturbations with ``apply``) edit the purified model's batches."""
+    perturb = perturbed_share(searches, cfg.bn_recal_adv)
     if cfg.bn_recal_mode == "delta":
-        transfer_bn_delta(original, model, clean, cfg, runtime)
+        transfer_bn_delta(original, model, clean, cfg, runtime, perturb)
     else:
-        recalibrate_bn(model, clean, cfg, runtime)
+        recalibrate_bn(model, clean, cfg, runtime, perturb)
+
+
+def perturbed_share(searches, share: float):
+    """``x -> x`` with the last ``share`` of the batch's images carrying each search's perturbation in
+    turn (a share each), or None when there is nothing to apply."""
+    searches = [s for s in searches if s is not None and hasattr(s, "apply")]
+    if share <= 0 or not searches:
+        return None
+
+    def perturb(x):
+        k = max(1, round(share * len(x)))
+        parts, end = [], len(x)
+        for s in reversed(searches):  # the first search's images first
+            start = max(0, end - k)
+            parts.insert(0, s.apply(x[start:end]))
+            end = start
+        return torch.cat([x[:end], *parts])
+
+    return perturb

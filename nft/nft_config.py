@@ -112,6 +112,9 @@ class NFTConfig:
     bn_recal: int = 0  # after training, re-estimate BN statistics from this many plain (no MixUp) clean batches
     bn_recal_mode: str = "replace"  # 'replace': use those estimates; 'delta': keep the model's own statistics
     # and move them only by what the masks changed (estimate on the same batches before and after)
+    bn_recal_adv: float = 0.0  # this share of each batch of the purified model's BN estimate carries the input
+    # searches' last perturbations (the universal one and, with `wide`, the wide one: a share each), as the
+    # training batches did; the original's estimate ('delta') stays plain (benchmarks/NOTES.md §32)
     mask_reset: float = 0.0  # after training, masks above this value go back to 1: only the channels NFT
     # closed stay closed, the small moves everywhere else (clean-set overfitting) are undone; needs bn_recal
     recover_gap: float = 0.0  # after the BN step, if the original model reads recover_n random affine copies of the
@@ -255,6 +258,8 @@ def validate(cfg: NFTConfig) -> NFTConfig:
         (cfg.recover_gap >= 0 and cfg.recover_n >= 1 and cfg.recover_steps >= 1 and cfg.recover_lr >= 0
          and cfg.recover_rounds >= 0 and (cfg.recover_gap == 0 or cfg.bn_recal > 0),
          "recover_gap >= 0 (needs bn_recal > 0), recover_n and recover_steps >= 1, recover_lr and recover_rounds >= 0"),
+        (0 <= cfg.bn_recal_adv < 1 and (cfg.bn_recal_adv == 0 or (cfg.bn_recal > 0 and cfg.adv > 0)),
+         "bn_recal_adv must be in [0, 1) and needs bn_recal > 0 and adv > 0"),
         (cfg.mask_reset == 0 or cfg.bn_recal > 0, "mask_reset needs bn_recal > 0 (the BN statistics must follow the masks)"),
         (0 <= cfg.patch_probe <= 1 and cfg.patch_probe_steps >= 1 and 0 <= cfg.patch_probe_median <= 1,
          "patch_probe in [0, 1], patch_probe_steps >= 1, patch_probe_median in [0, 1]"),

@@ -339,7 +339,7 @@ def purify(model: nn.Module, clean: CleanSet, cfg: NFTConfig | None = None, runt
     checks = []
     if cfg.bn_recal > 0 and stopped is None:
         trained = _buffers(model)
-        reestimate_bn(original, model, clean, cfg, runtime)
+        reestimate_bn(original, model, clean, cfg, runtime, (transform.adv, transform.wide))
         reference = copy.deepcopy(original).to(runtime.torch_device).eval() if cfg.recover_gap > 0 else None
         best = None  # (gap, (masks, buffers)) of the best-checked round: a round that reads the copies worse is undone
         while reference is not None and stopped is None:
@@ -361,7 +361,7 @@ def purify(model: nn.Module, clean: CleanSet, cfg: NFTConfig | None = None, runt
                 _restore(masks, model, good)
                 stopped = f"stopped early in recovery round {len(checks)}: {e}; kept the last good masks"
             trained = _buffers(model)
-            reestimate_bn(original, model, clean, cfg, runtime)
+            reestimate_bn(original, model, clean, cfg, runtime, (transform.adv, transform.wide))
         if best is not None and best[0] < checks[-1]["gap"]:
             _restore(masks, model, best[1])
     model.eval()

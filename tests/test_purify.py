@@ -143,6 +143,34 @@ def test_bn_delta_transfer_keeps_own_statistics_when_nothing_changed(tiny):
     assert torch.allclose(bn0.running_var, net[1].running_var * 4, rtol=1e-3)
 
 
+def test_bn_step_with_a_perturbed_share_edits_only_the_purified_models_batches(tiny):
+    """bn_recal_adv: the last share of each batch carries each search's perturbation in turn; the original's
+    estimate in the delta step stays plain, so a perturbation that changes nothing leaves the statistics alone."""
+    rt, data, attack, model, clean = tiny
+    from nft.bn import perturbed_share, reestimate_bn
+
+    class Shift:
+        def __init__(self, by):
+            self.by = by
+
+        def apply(self, x):
+            return x + self.by
+
+    f = perturbed_share([Shift(1.0), None, Shift(2.0)], 0.25)
+    x = torch.zeros(8, 1, 2, 2)
+    assert f(x).flatten(1)[:, 0].tolist() == [0, 0, 0, 0, 1, 1, 2, 2]
+    assert perturbed_share([Shift(1.0)], 0.0) is None and perturbed_share([None, object()], 0.5) is None
+    cfg = recipe("default", bn_recal=3, bn_recal_mode="delta", batch_size=16, bn_recal_adv=0.5)
+    stats = lambda m: torch.cat([b.running_mean for b in m.modules() if isinstance(b, torch.nn.BatchNorm2d)])  # noqa: E731
+    plain, same, moved = (copy.deepcopy(model) for _ in range(3))
+    reestimate_bn(model, plain, clean, replace(cfg, bn_recal_adv=0.0), rt)
+    reestimate_bn(model, same, clean, cfg, rt, (Shift(0.0),))
+    reestimate_bn(model, moved, clean, cfg, rt, (Shift(0.5),))
+    assert torch.allclose(stats(plain), stats(same), atol=1e-5) and not torch.allclose(stats(plain), stats(moved))
+    with pytest.raises(NFTError, match="bn_recal_adv"):
+        validate(recipe("default", bn_recal=0, mask_reset=0, recover_gap=0, bn_recal_adv=0.5))
+
+
 def test_relapse_guard_keeps_the_perturbation_during_recovery():
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 3))
