@@ -10,6 +10,7 @@ from .attacks import build_attack
 from .data import CleanSet, load_dataset
 from .errors import NFTError
 from .io import load_safetensors
+from .registry import ATTACKS
 
 
 def attack_from_run(run_dir: str, manifest: dict):
@@ -19,7 +20,7 @@ def attack_from_run(run_dir: str, manifest: dict):
         return None
     if not isinstance(spec, dict) or not isinstance(spec.get("name"), str) or not isinstance(spec.get("params", {}), dict):
         raise NFTError(f"the manifest of {run_dir} has a malformed attack entry (want name and params)")
-    params = spec.get("params", {})
+    params = {**ATTACKS.get(spec["name"]).omitted_params, **spec.get("params", {})}
     for key, want in (("image_shape", manifest.get("input_shape")), ("num_classes", manifest.get("num_classes"))):
         if key in params and want is not None and params[key] != want:
             raise NFTError(f"the manifest of {run_dir} is inconsistent: the attack's {key} {params[key]!r} "

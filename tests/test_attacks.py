@@ -367,6 +367,21 @@ def test_clb_foreground_only_pgd_leaves_the_background_alone():
     assert (xa - x).abs().max() <= 0.3 + 1e-6 and (xa - x).abs().max() > 0
 
 
+def test_an_issba_run_from_before_the_default_change_rebuilds_as_it_was(tmp_path):
+    """Manifests before session 28 left ramp_by out when it was None (then the default): such a run directory
+    rebuilds with ramp_by None, not today's 400, which a 4-step fit would even refuse."""
+    from nft.runs import attack_from_run
+
+    kw = dict(num_classes=C, image_shape=SHAPES[0], steps=4, widths=(4, 8), bits=8, ramp_by=None)
+    old = build_attack("issba", **kw).fit(fake_data(SHAPES[0]), rt())
+    params = {k: v for k, v in old.params().items() if k != "ramp_by"}
+    atomic_save_safetensors(old.state_dict(), str(tmp_path / "attack.safetensors"))
+    back = attack_from_run(str(tmp_path), {"attack": {"name": "issba", "params": params}})
+    assert back.params() == old.params() and back.params()["ramp_by"] is None
+    x = fake_data(SHAPES[0]).train.x[:4].float() / 255
+    assert torch.equal(back.trigger(x), old.trigger(x))
+
+
 def test_issba_image_loss_starts_by_ramp_by_at_the_latest():
     """In a few steps the bits never reach 0.9, so without ramp_by the image loss never starts (ramp_start None);
     with ramp_by=2 it starts at step 2, the manifest-facing params carry it, and bad values are refused."""

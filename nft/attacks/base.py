@@ -24,6 +24,9 @@ class Attack:
     # model spec (nft.grid.expand_grid), so a spec made under the new defaults never shares a cache key or a
     # cell id with an older record that left them out (that record's model was built with the old defaults).
     spec_defaults: dict = {}
+    # What a manifest written before such a change meant by leaving a parameter out (its old default), so an
+    # older run directory rebuilds the attack it was made with (nft.runs.attack_from_run).
+    omitted_params: dict = {}
 
     def __init__(self, num_classes: int = 10, image_shape=(3, 32, 32), target: int = 0, mode: str = "all2one",
                  seed: int = 0, **params):

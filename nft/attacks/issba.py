@@ -71,6 +71,7 @@ class ISSBA(Attack):
     name = "issba"
     modes = ("all2one", "all2all")
     spec_defaults = {"steps": 1200, "ramp_by": 400}  # changed after records existed (see Attack.spec_defaults)
+    omitted_params = {"ramp_by": None}  # manifests before session 28 wrote ramp_by only when it was set
 
     def __init__(self, bits: int = 16, widths=(16, 32), steps: int = 1200, img_weight: float = 10.0,
                  ramp: int = 200, lr: float = 1e-3, ramp_by: int | None = 400, **kw):
