@@ -115,10 +115,21 @@ def avg_drop(groups, attacks: list[str], defense: str, size, metric: str) -> tup
     (No Defense - defended) in points (``drop_by_seed``: against the record's own model); each attack's drop
     is the mean over its seeds (with every cell present, this is the drop of the seed means). Returns (mean,
     std over seeds of the per-seed Avg. Drop (seeds where every attack has a cell), number of attacks)."""
+    return _over_attacks(attacks, lambda a: drop_by_seed(groups, a, defense, size, metric))
+
+
+def avg_after(groups, attacks: list[str], defense: str, size, metric: str) -> tuple[float | None, float | None, int]:
+    """As ``avg_drop``, of ``metric`` itself after the defense (e.g. the average ASR left)."""
+    return _over_attacks(attacks, lambda a: _by_seed(groups, a, defense, size, metric))
+
+
+def _over_attacks(attacks: list[str], by_seed) -> tuple[float | None, float | None, int]:
+    """(mean over attacks, not Benign, of the seed mean of ``by_seed(attack)`` (seed -> value), std over the
+    seeds where every attack has a value of their per-seed average, number of attacks with a value)."""
     real = [a for a in attacks if a != BENIGN]
     per_attack, per_seed = [], defaultdict(list)
     for a in real:
-        pairs = drop_by_seed(groups, a, defense, size, metric)
+        pairs = by_seed(a)
         if pairs:
             per_attack.append(statistics.fmean(pairs.values()))
         for s, v in pairs.items():

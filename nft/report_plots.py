@@ -10,6 +10,7 @@
 """
 from __future__ import annotations
 
+import itertools
 import os
 import statistics
 from collections import defaultdict
@@ -20,7 +21,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from .records import BENIGN, NO_DEFENSE  # noqa: E402
-from .report import Section, attack_label, avg_drop, cell_stats, defense_label, efficiency_rows, group  # noqa: E402
+from .report import (Section, attack_label, avg_after, avg_drop, cell_stats, defense_label,  # noqa: E402
+                     efficiency_rows, group)
 from .report_claims import PROPOSED  # noqa: E402
 
 
@@ -167,21 +169,6 @@ def runtime(sec: Section, path: str) -> str | None:
     return _save(fig, path)
 
 
-def _avg_asr(g, attacks: list[str], defense: str, size) -> tuple[float | None, float | None]:
-    """Mean over attacks of the mean ASR after, and its std over the seeds where every attack has a cell."""
-    real = [a for a in attacks if a != BENIGN]
-    per_attack, per_seed = [], defaultdict(list)
-    for a in real:
-        vals = {r["seed"]: float(r["asr"]) for r in g.get((a, defense, size), []) if r.get("asr") is not None}
-        if vals:
-            per_attack.append(statistics.fmean(vals.values()))
-        for s, v in vals.items():
-            per_seed[s].append(v)
-    complete = [statistics.fmean(v) for v in per_seed.values() if len(v) == len(real)]
-    return (statistics.fmean(per_attack) if per_attack else None,
-            statistics.stdev(complete) if len(complete) > 1 else None)
-
-
 def tradeoff(sec: Section, path: str) -> str | None:
     """Average ASR after (x) against average ACC drop (y), one point per defense at the main clean-set size
     (and the proposed recipe at its other sizes, hollow shapes): a defense that removes nothing sits far right at a
@@ -193,14 +180,14 @@ def tradeoff(sec: Section, path: str) -> str | None:
         if d == NO_DEFENSE:
             continue
         for n in (sec.sizes if d == PROPOSED else [sec.main_size]):
-            x, xe = _avg_asr(g, sec.attacks, d, n)
+            x, xe, _ = avg_after(g, sec.attacks, d, n, "asr")
             y, ye, _ = avg_drop(g, sec.attacks, d, n, "acc")
             if x is not None and y is not None:
                 pts.append((d, n, x, xe, y, ye))
     if not pts:
         return None
     fig, ax = plt.subplots(figsize=(7.6, 4.4), dpi=110)
-    shapes = iter("^sDvP*X")
+    shapes = itertools.cycle("^sDvP*X")
     for d, n, x, xe, y, ye in pts:
         main = n == sec.main_size
         ax.errorbar([x], [y], xerr=[xe or 0], yerr=[ye or 0], marker="o" if main else next(shapes), ms=7, capsize=2,

@@ -43,13 +43,13 @@ def records():
 
 def test_tradeoff_plots_the_average_asr_after_against_the_avg_acc_drop():
     """x of the trade-off plot: mean over attacks of the seed-mean ASR after, std over complete seeds."""
-    from nft.report_plots import _avg_asr
+    from nft.report import avg_after
 
     g, attacks = group(records()), [BENIGN, "a1", "a2"]
-    mu, sd = _avg_asr(g, attacks, "d1", 50)  # a1 (2 + 4) / 2 = 3, a2 (6 + 2) / 2 = 4; seeds 0: 4, 1: 3
-    assert mu == pytest.approx(3.5) and sd == pytest.approx(0.5 ** 0.5)
-    assert _avg_asr(g, attacks, "d1", 5) == (pytest.approx(40.0), None)  # one seed: no spread
-    assert _avg_asr(g, attacks, "nosuch", 50) == (None, None)
+    mu, sd, k = avg_after(g, attacks, "d1", 50, "asr")  # a1 (2 + 4) / 2 = 3, a2 (6 + 2) / 2 = 4; seeds 0: 4, 1: 3
+    assert mu == pytest.approx(3.5) and sd == pytest.approx(0.5 ** 0.5) and k == 2
+    assert avg_after(g, attacks, "d1", 5, "asr") == (pytest.approx(40.0), None, 2)  # one seed: no spread
+    assert avg_after(g, attacks, "nosuch", 50, "asr") == (None, None, 0)
 
 
 def test_mean_std_and_format():
