@@ -168,12 +168,15 @@ def _defense_order(d: str):
     return (d != NO_DEFENSE, name == "nft", d)
 
 
-SETTING_KEYS = ("poison_rate", "target", "label_mode", "epochs", "batch_size", "lr", "subset_train", "subset_test")
+SETTING_KEYS = ("poison_rate", "target", "label_mode", "epochs", "batch_size", "lr", "subset_train", "subset_test",
+                "attack_kwargs")
 
 
 def _setting(r: dict) -> tuple:
+    """The model's training setting; the attack's own settings (``attack_kwargs``) as sorted JSON (hashable)."""
     m = (r.get("config") or {}).get("model") or {}
-    return tuple((k, m.get(k)) for k in SETTING_KEYS)
+    return tuple((k, json.dumps(m.get(k) or {}, sort_keys=True) if k == "attack_kwargs" else m.get(k))
+                 for k in SETTING_KEYS)
 
 
 def section_name(dataset: str, model: str, model_kwargs: dict | None) -> str:
@@ -358,6 +361,13 @@ def _num_g(v) -> str:
     return f"{v:g}" if isinstance(v, float) else str(v)
 
 
+def _flat(setting: dict) -> dict:
+    """An attack's own setting for display, its ``attack_kwargs`` (JSON) spelled out as keys of their own."""
+    d = dict(setting)
+    kwargs = json.loads(d.pop("attack_kwargs", "{}"))
+    return {**d, **kwargs}
+
+
 def settings_md(sec: Section) -> str:
     """What a reader needs to compare this table with others (peers.md §3's comparability list)."""
     r = next((r for r in sec.records if r["defense"] == NO_DEFENSE), sec.records[0])
@@ -375,7 +385,7 @@ def settings_md(sec: Section) -> str:
              + (f" (test subset {m['subset_test']})" if m.get("subset_test") else ""),
              f"- poisoning: rate {m['poison_rate']}, target {m['target']}, {m['label_mode']}; training "
              f"{m['epochs']} epochs, batch {m['batch_size']}, lr {m['lr']}"
-             + "".join(f"; **{attack_label(a)}**: " + ", ".join(f"{k} {_num_g(v)}" for k, v in d.items())
+             + "".join(f"; **{attack_label(a)}**: " + ", ".join(f"{k} {_num_g(v)}" for k, v in _flat(d).items())
                        for a, d in own.items()),
              f"- clean data for defenses: {', '.join(map(str, sec.sizes))} images per class "
              f"(main table: {sec.main_size}), drawn from the defender's held-out pool (disjoint from training)",

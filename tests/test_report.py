@@ -123,6 +123,23 @@ def test_an_attack_with_its_own_training_setting_stays_in_the_table():
     assert "; **a2**: poison_rate 0.08, epochs 3" in md
 
 
+def test_an_attacks_own_kwargs_are_named_and_two_of_them_split_the_table():
+    """ISSBA's grid records name steps/ramp_by: the settings say so; records of one attack under two kwargs
+    (an old fit and a new one) are not averaged together but go to sections of their own."""
+    from nft.report import settings_md
+
+    recs = records()
+    for r in recs:
+        if r["attack"] == "a2":
+            r["config"] = dict(r["config"], model=dict(r["config"]["model"], attack_kwargs={"steps": 12, "ramp_by": 4}))
+    secs = sections(recs)
+    assert [s.name for s in secs] == ["toy · m"]
+    assert "; **a2**: ramp_by 4, steps 12\n" in settings_md(secs[0])
+    old = [dict(r, cell_id="old-" + r["cell_id"]) for r in records() if r["attack"] == "a2"]  # no kwargs: {}
+    names = [s.name for s in sections(recs + old)]
+    assert len(names) == 2 and all("attack_kwargs=" in n for n in names), names
+
+
 def test_the_settings_name_the_newest_code_version_when_records_differ():
     from nft.report import settings_md
 
