@@ -115,7 +115,7 @@ def main():
             rec = {"run": run, "try": t, "runtime_seed": rs, "per_class": a.per_class, "eval": a.eval, "eval_n": len(target), "before": before, "after": after,
                    "seconds": round(secs, 1), "masks_below_0.5": ex["masks_below_0.5"], "num_masks": ex["num_masks"],
                    "final_loss": hist[-1].get("loss") if hist else None,
-                   **{k: ex[k] for k in ("composite_probe", "patch_probe", "recovery_checks") if k in ex}}
+                   **{k: ex[k] for k in ("composite_probe", "patch_probe", "recovery_checks", "target_probe", "search_target") if k in ex}}
             if probe:
                 rec["probe"] = probe(pm, rs)
             if a.bn_variants:

@@ -76,6 +76,10 @@ class NFTConfig:
     recover_target_gap: float = -1.0  # >= 0: recover_target_keep waits while the masked model (eval mode) is more than
     # this many points below the original on the clean set's images of that class (all of them stay until then, and
     # again whenever it falls behind): the class gets its accuracy back, then recovery stops feeding it; -1 = off
+    target_probe: float = 0.0  # > 0: before training, a targeted universal search per class in an L2 ball of this RMS
+    # a pixel (searches.targeted_probe) names the class recover_target_keep acts on: the one the most clean images of
+    # other classes can be sent to. 0: the class the input search sent most perturbed images to (its vote)
+    target_probe_steps: int = 40
     rounds: int = 1  # the steps are cut into this many equal rounds, each searching for its first adv_until (and
     # neuron_until) and recovering for the rest: a later round's search finds what an earlier recovery reopened
     neuron_part: str = "all"  # images of the batch the perturbed loss sees: 'all', or 'adv' (only those carrying
@@ -227,6 +231,7 @@ def validate(cfg: NFTConfig) -> NFTConfig:
          "adv_mode='universal', adv_free off)"),
         (cfg.recover_target_gap == -1 or (0 <= cfg.recover_target_gap <= 100 and cfg.recover_target_keep < 1),
          "recover_target_gap must be -1 (off) or in [0, 100], and needs recover_target_keep < 1"),
+        (cfg.target_probe >= 0 and cfg.target_probe_steps >= 1, "target_probe >= 0 and target_probe_steps >= 1"),
         (cfg.rounds >= 1 and (cfg.rounds == 1 or cfg.hold_below == 0), "rounds must be >= 1 (1 with hold_below)"),
         (cfg.adv_mode in ("universal", "image"), "adv_mode must be 'universal' or 'image'"),
         (cfg.adv_norm in ("l2", "l1") and (cfg.adv_norm == "l2" or cfg.adv_mode == "universal"),

@@ -28,7 +28,7 @@ from .nft_config import RECIPES, NFTConfig, for_clean_set, recipe, validate  # n
 from .nft_config import searching as in_search  # 'searching' is a local name in make_transform
 from .runtime import Runtime
 from .searches import (ImagePerturbation, NeuronPerturbation, PatchPerturbation, SparsePerturbation, UniversalPerturbation,
-                       composite_probe, patch_probe)
+                       composite_probe, patch_probe, targeted_probe)
 
 
 def _scheduler(opt, cfg: NFTConfig):
@@ -51,7 +51,7 @@ def _scheduler(opt, cfg: NFTConfig):
 
 
 def make_transform(cfg: NFTConfig, clean: CleanSet, g: torch.Generator, model: nn.Module | None = None,
-                   pairs: list | None = None, gc: torch.Generator | None = None):
+                   pairs: list | None = None, gc: torch.Generator | None = None, target: int | None = None):
     """standard augmentation -> random noise patches (optional) -> MixUp, plus (optional) extra
     images carrying a universal adversarial perturbation with their true labels, plus (``pairs``
     from ``composite_probe``, drawn with the CPU generator ``gc``) ``cfg.composites`` of a batch of
@@ -72,7 +72,7 @@ def make_transform(cfg: NFTConfig, clean: CleanSet, g: torch.Generator, model: n
     def transform(x, y, step):
         searching = in_search(cfg, step, cfg.adv_until)
         t = None if cfg.recover_target_keep >= 1 or adv is None or searching else (
-            cfg.wide_target if cfg.wide > 0 and cfg.wide_target >= 0 else adv.target)
+            cfg.wide_target if cfg.wide > 0 and cfg.wide_target >= 0 else target if target is not None else adv.target)
         if t is not None and cfg.recover_target_gap >= 0 and behind(t):
             t = None
         if t is not None:
@@ -275,6 +275,10 @@ def purify(model: nn.Module, clean: CleanSet, cfg: NFTConfig | None = None, runt
         if patches["flagged"]:
             cfg = validate(replace(cfg, **{"wide_norm": "patch", "wide_window": patches["window"],
                                            "wide_target": patches["to"], **cfg.patch_found}))
+    targeted = None
+    if cfg.target_probe > 0:  # on the model as given, before any mask
+        targeted = targeted_probe(model, clean.x, clean.y, clean.num_classes, cfg.target_probe, cfg.adv_step,
+                                  cfg.target_probe_steps, cfg.batch_size, runtime.generator(710))
     masks = attach(model, cfg.where)
     if cfg.bn_momentum is not None:
         for m in model.modules():
@@ -290,7 +294,7 @@ def purify(model: nn.Module, clean: CleanSet, cfg: NFTConfig | None = None, runt
     good, pending = snapshot(), None
 
     transform = make_transform(cfg, clean, runtime.generator(303, device=runtime.device), model,
-                               probe and probe["pairs"], runtime.generator(708))
+                               probe and probe["pairs"], runtime.generator(708), targeted and targeted["to"])
 
     held = None  # (which entries, their values) per site, once the search has ended (hold_below)
     hold_from = max(1, round(cfg.adv_until * cfg.steps)) if cfg.hold_below > 0 else None
@@ -371,6 +375,7 @@ def purify(model: nn.Module, clean: CleanSet, cfg: NFTConfig | None = None, runt
               "stopped": stopped, **({"recovery_checks": checks} if checks else {}),
               **({"composite_probe": probe} if probe is not None else {}),
               **({"patch_probe": patches} if patches is not None else {}),
+              **({"target_probe": targeted} if targeted is not None else {}),
               **({"search_target": transform.adv.target} if getattr(transform.adv, "target", None) is not None else {}),
               "mask_state": mask_state}
     masks.fold()

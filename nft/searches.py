@@ -280,6 +280,40 @@ def universal_probe(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps_rms:
     return {"flip": float(rate.max()), "to": int(rate.argmax())}
 
 
+def targeted_probe(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int, eps_rms: float, step: float,
+                   steps: int, batch_size: int, g: torch.Generator) -> dict:
+    """Which class is the backdoor's target? For each class c, one universal delta in an L2 ball of ``eps_rms`` a pixel,
+    ``steps`` normalised steps down the cross-entropy to c of the clean images not of class c (batches drawn with the
+    CPU generator ``g``); ``rates[c]`` is the share of those images it then sends to c, in %. A trigger is a shortcut
+    to its target, so in a small ball the target stands out where an untargeted search goes to the class easiest to
+    reach by adding ink (8 on digits; benchmarks/NOTES.md §32). Returns rates, ``to`` (the argmax) and ``margin``
+    (its lead over the second)."""
+    device = next(model.parameters()).device
+    was = model.training
+    model.eval()
+    rates = []
+    for c in range(num_classes):
+        xs = x[y != c]
+        if len(xs) == 0:
+            rates.append(0.0)
+            continue
+        search = UniversalPerturbation(tuple(x.shape[1:]), eps_rms, step, device, g)
+        for _ in range(steps):
+            idx = torch.randint(0, len(xs), (min(batch_size, len(xs)),), generator=g)
+            d = search.delta.clone().requires_grad_(True)
+            xb = xs[idx].to(device)
+            loss = -nn.functional.cross_entropy(model((xb + d).clamp(0, 1)), torch.full((len(xb),), c, device=device))
+            (grad,) = torch.autograd.grad(loss, d)
+            search.delta = search._ascent(d.detach(), grad)
+        with torch.no_grad():
+            hit = sum(int((model(search.apply(xs[i:i + 256].to(device))).argmax(1) == c).sum())
+                      for i in range(0, len(xs), 256))
+        rates.append(round(100.0 * hit / len(xs), 2))
+    model.train(was)
+    order = sorted(range(num_classes), key=lambda k: -rates[k])
+    return {"rates": rates, "to": order[0], "margin": round(rates[order[0]] - rates[order[1]], 2) if num_classes > 1 else 0.0}
+
+
 def patch_probe(model: nn.Module, x: torch.Tensor, y: torch.Tensor, side: float, grid: int, step: float, steps: int,
                 batch_size: int, g: torch.Generator, corners: bool = False) -> dict:
     """How far a universal patch (``PatchPerturbation``'s windows, each searched for ``steps`` signed steps up

@@ -171,6 +171,36 @@ def test_bn_step_with_a_perturbed_share_edits_only_the_purified_models_batches(t
         validate(recipe("default", bn_recal=0, mask_reset=0, recover_gap=0, bn_recal_adv=0.5))
 
 
+def test_targeted_probe_names_the_class_a_shortcut_reaches():
+    """A model whose class 2 fires on overall brightness (a global trigger): a small targeted search reaches it from
+    every image, no other class; purify runs the probe first (for recover_target_keep) and records it."""
+    from nft.searches import targeted_probe
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 3)
+    with torch.no_grad():
+        lin.weight.zero_()
+        lin.weight[2] = 40.0 / 64
+        lin.bias.copy_(torch.tensor([2.0, 0.5, -3.0]))
+    hidden = torch.nn.Linear(64, 64)  # the identity on [0, 1] images: a layer NFT can mask
+    with torch.no_grad():
+        hidden.weight.copy_(torch.eye(64))
+        hidden.bias.zero_()
+    net = torch.nn.Sequential(torch.nn.Flatten(), hidden, torch.nn.ReLU(), lin)
+    x = torch.rand(30, 1, 8, 8) * 0.2
+    y = net(x).argmax(1)
+    assert (y == 0).all()
+    out = targeted_probe(net, x, y, 3, 0.15, 0.25, 20, 16, torch.Generator().manual_seed(0))
+    assert out["to"] == 2 and out["rates"][2] == 100.0 and out["rates"][1] == 0.0 and out["margin"] == 100.0
+    clean = CleanSet(x, torch.arange(30) % 3, 3, augment="none")  # every class present (the model reads them all as 0)
+    _, _, _, extras = purify(net, clean, recipe("default", steps=2, batch_size=8, target_probe=0.15,
+                                                target_probe_steps=20, recover_target_keep=0.5, bn_recal=0,
+                                                recover_gap=0, patch_probe=0, composites=0, where="auto",
+                                                neuron=0, oneshot_upto=None))
+    probe = extras["target_probe"]
+    assert len(probe["rates"]) == 3 and probe["rates"][1] == 0.0 and probe["to"] in (0, 2)
+
+
 def test_relapse_guard_keeps_the_perturbation_during_recovery():
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 3))
