@@ -61,12 +61,13 @@ class UniversalPerturbation:
         norm = grad.norm() if len(d) == 1 else self._norms(grad)
         return self._project(d + self.step * grad / (norm + 1e-12), self.radius)
 
-    def update(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def update(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, toward: bool = False) -> torch.Tensor:
+        """One step up the cross-entropy of ``y`` (``toward``: down it, a search that sends the images to ``y``)."""
         d = self.delta.clone().requires_grad_(True)
         was = model.training
         model.eval()  # no BN statistics from the search batches
         out = model((x + self._per_image(d, len(x))).clamp(0, 1))
-        loss = nn.functional.cross_entropy(out, y)
+        loss = nn.functional.cross_entropy(out, y) * (-1 if toward else 1)
         (grad,) = torch.autograd.grad(loss, d)
         model.train(was)
         self._vote(out.detach(), y)
@@ -290,7 +291,7 @@ def targeted_probe(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_class
     (its lead over the second)."""
     device = next(model.parameters()).device
     was = model.training
-    model.eval()
+    model.eval()  # (update() leaves the model in the mode it found)
     rates = []
     for c in range(num_classes):
         xs = x[y != c]
@@ -300,11 +301,7 @@ def targeted_probe(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_class
         search = UniversalPerturbation(tuple(x.shape[1:]), eps_rms, step, device, g)
         for _ in range(steps):
             idx = torch.randint(0, len(xs), (min(batch_size, len(xs)),), generator=g)
-            d = search.delta.clone().requires_grad_(True)
-            xb = xs[idx].to(device)
-            loss = -nn.functional.cross_entropy(model((xb + d).clamp(0, 1)), torch.full((len(xb),), c, device=device))
-            (grad,) = torch.autograd.grad(loss, d)
-            search.delta = search._ascent(d.detach(), grad)
+            search.update(model, xs[idx].to(device), torch.full((len(idx),), c, device=device), toward=True)
         with torch.no_grad():
             hit = sum(int((model(search.apply(xs[i:i + 256].to(device))).argmax(1) == c).sum())
                       for i in range(0, len(xs), 256))
